@@ -1,0 +1,189 @@
+"""Tap offsets, weight matrices and grid buffers that map a convolution onto the grid kernels.
+
+Pure NumPy and arithmetic, no Numba: this is where the index bookkeeping of strides, dilation,
+padding and groups lives, so the kernels in ``_kernels/conv2d.py`` only ever see "rows, taps,
+offsets". See that module's docstring for the primitive being targeted.
+"""
+import numpy as np
+
+from ._kernels.conv2d import ROW_TILE, TAP_TILE
+from ._kernels.layout import pack_phases
+
+
+def round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+class Grid:
+    """A packed grid buffer: ``view`` is (rows, phases, N, image_len), inside a flat ``data``
+    array that ends with a zero region starting at ``zero_offset``.
+
+    Padding taps point at the zero region, and reads that run past the end of the last row land
+    in it, so the kernels need no bounds checks.
+    """
+
+    def __init__(self, rows, phases, batch, image_len, read_span, dtype):
+        self.image_len = image_len
+        self.zero_offset = rows * phases * batch * image_len
+        zero_len = batch * image_len + read_span + 64
+        self.data = np.empty(self.zero_offset + zero_len, dtype=dtype)
+        self.data[self.zero_offset:] = 0
+        self.view = self.data[:self.zero_offset].reshape(rows, phases, batch, image_len)
+
+
+def pack_grid(src, rows_per_group, rows_per_group_padded, groups, pad, stride, grid_shape,
+              read_span):
+    """Pack ``src`` (N, rows, H, W) into a new ``Grid`` with phases for ``stride``."""
+    batch = src.shape[0]
+    grid_h, grid_w = grid_shape
+    grid = Grid(groups * rows_per_group_padded, stride[0] * stride[1], batch, grid_h * grid_w,
+                read_span, src.dtype)
+    pack_phases(src, grid.view, rows_per_group, rows_per_group_padded, pad[0], pad[1],
+                stride[0], stride[1], grid_h, grid_w, grid_h * grid_w)
+    return grid
+
+
+def pad_offsets(offsets, zero_offset):
+    """Pad the tap axis of ``offsets`` (G, K) to a multiple of TAP_TILE with taps that read the
+    grid's zero region."""
+    taps = offsets.shape[1]
+    padded = np.full((offsets.shape[0], round_up(max(taps, 1), TAP_TILE)), zero_offset,
+                     dtype=np.int64)
+    padded[:, :taps] = offsets
+    return padded
+
+
+def pad_taps(offsets, weight, zero_offset):
+    """Padded offsets (see ``pad_offsets``) and the weight matrix (R, K) padded with zero
+    columns to match, C-contiguous."""
+    offsets_out = pad_offsets(offsets, zero_offset)
+    weight_out = np.zeros((weight.shape[0], offsets_out.shape[1]), dtype=weight.dtype)
+    weight_out[:, :weight.shape[1]] = weight
+    return offsets_out, weight_out
+
+
+def group_rows(matrix, groups, rows_padded):
+    """(groups * rows, K) -> (groups * rows_padded, K), zero rows appended in each group."""
+    rows = matrix.shape[0] // groups
+    out = np.zeros((groups, rows_padded, matrix.shape[1]), dtype=matrix.dtype)
+    out[:, :rows] = matrix.reshape(groups, rows, -1)
+    return out.reshape(groups * rows_padded, -1)
+
+
+class ForwardPlan:
+    """Where each tap of a forward convolution reads in the packed input grid.
+
+    Used for conv2d forward and weight gradient (and, with roles swapped, for transposed
+    convolution). The input is split into ``stride`` phase planes of ``grid_h x grid_w`` pixels;
+    output (oh, ow) of every image is grid pixel ``oh * grid_w + ow``.
+    """
+
+    def __init__(self, geometry):
+        g = geometry
+        self.geometry = g
+        (sh, sw), (dh, dw) = g.stride, g.dilation
+        kh_count, kw_count = g.kernel
+        self.grid_h = -(-g.padded_height // sh)
+        self.grid_w = -(-g.padded_width // sw)
+        self.image_len = self.grid_h * self.grid_w
+        self.channels_per_group = g.in_channels // g.groups
+        self.filters_per_group = g.out_channels // g.groups
+        self.filters_padded = round_up(self.filters_per_group, ROW_TILE)
+        # output pixels computed per image: whole grid rows, rounded to full vectors
+        self.out_len = round_up(g.out_height * self.grid_w, 16)
+        kh = np.arange(kh_count)[:, None]
+        kw = np.arange(kw_count)[None, :]
+        phase = ((kh * dh) % sh) * sw + (kw * dw) % sw
+        in_plane = ((kh * dh) // sh) * self.grid_w + (kw * dw) // sw
+        self.read_span = int(in_plane.max()) + self.out_len
+        channel = (np.arange(g.groups)[:, None] * self.channels_per_group
+                   + np.arange(self.channels_per_group)[None, :])
+        phases = sh * sw
+        plane_stride = g.batch * self.image_len
+        # offsets[group, (c, kh, kw)]
+        self.tap_offsets = ((channel[:, :, None, None] * phases + phase[None, None]) * plane_stride
+                            + in_plane[None, None]).reshape(g.groups, -1)
+
+    def pack_input(self, x):
+        g = self.geometry
+        return pack_grid(x, g.in_channels, g.in_channels, 1, (g.pad[0], g.pad[2]), g.stride,
+                         (self.grid_h, self.grid_w), self.read_span)
+
+    def weight_matrix(self, weight, zero_offset):
+        """Offsets (G, Kp) and the (G * filters_padded, Kp) weight matrix of ``weight``."""
+        g = self.geometry
+        matrix = group_rows(weight.reshape(g.out_channels, -1), g.groups, self.filters_padded)
+        return pad_taps(self.tap_offsets, matrix, zero_offset)
+
+    def pack_grad_output(self, grad_out):
+        """grad_out (N, F, OH, OW) -> (G * filters_padded, N * image_len), zero off the outputs."""
+        g = self.geometry
+        grid = np.empty((g.groups * self.filters_padded, 1, g.batch, self.image_len),
+                        dtype=grad_out.dtype)
+        pack_phases(grad_out, grid, self.filters_per_group, self.filters_padded, 0, 0, 1, 1,
+                    self.grid_h, self.grid_w, self.image_len)
+        return grid.reshape(grid.shape[0], -1)
+
+
+class InputGradPlan:
+    """Input gradient of a convolution as one stride-1 correlation per stride phase.
+
+    Input position ``ih = i * sh + a`` (padded coordinates) receives gradient from the taps with
+    ``kh * dh = a + m * sh`` (m >= 0), from output row ``i - m``. The output gradient is packed
+    once into a grid with ``margin = ((K - 1) * d) // s`` zero rows/columns in front, so every
+    such read is a non-negative constant offset; each phase (a, b) then is a correlation with
+    its own tap subset, never touching the zeros a zero-inserted ("dilated") gradient would have.
+    """
+
+    def __init__(self, geometry):
+        g = geometry
+        self.geometry = g
+        (sh, sw), (dh, dw) = g.stride, g.dilation
+        self.margin_h = ((g.kernel[0] - 1) * dh) // sh
+        self.margin_w = ((g.kernel[1] - 1) * dw) // sw
+        phase_rows = -(-g.padded_height // sh)
+        phase_cols = -(-g.padded_width // sw)
+        self.grid_h = max(phase_rows, g.out_height) + self.margin_h
+        self.grid_w = max(phase_cols, g.out_width) + self.margin_w
+        self.image_len = self.grid_h * self.grid_w
+        self.channels_per_group = g.in_channels // g.groups
+        self.channels_padded = round_up(self.channels_per_group, ROW_TILE)
+        self.filters_per_group = g.out_channels // g.groups
+        self.read_span = self.margin_h * self.grid_w + self.margin_w + round_up(
+            phase_rows * self.grid_w, 16)
+
+    def pack_grad_output(self, grad_out):
+        g = self.geometry
+        return pack_grid(grad_out, g.out_channels, g.out_channels, 1,
+                         (self.margin_h, self.margin_w), (1, 1), (self.grid_h, self.grid_w),
+                         self.read_span)
+
+    def phases(self, weight, zero_offset):
+        """Yield (phase_h, phase_w, out_len, offsets, weight_matrix) for phases with taps."""
+        g = self.geometry
+        (sh, sw), (dh, dw) = g.stride, g.dilation
+        batch = g.batch
+        # weight (F, Cg, KH, KW) -> (G, Cg, Fg, KH, KW): rows are input channels
+        per_group = weight.reshape(g.groups, self.filters_per_group, self.channels_per_group,
+                                   *g.kernel).transpose(0, 2, 1, 3, 4)
+        filter_index = (np.arange(g.groups)[:, None] * self.filters_per_group
+                        + np.arange(self.filters_per_group)[None, :])
+        for phase_h in range(sh):
+            taps_h = [kh for kh in range(g.kernel[0]) if (kh * dh - phase_h) % sh == 0
+                      and kh * dh >= phase_h]
+            for phase_w in range(sw):
+                taps_w = [kw for kw in range(g.kernel[1]) if (kw * dw - phase_w) % sw == 0
+                          and kw * dw >= phase_w]
+                if not taps_h or not taps_w:
+                    continue
+                shift_h = np.array([self.margin_h - (kh * dh - phase_h) // sh for kh in taps_h])
+                shift_w = np.array([self.margin_w - (kw * dw - phase_w) // sw for kw in taps_w])
+                in_plane = shift_h[:, None] * self.grid_w + shift_w[None, :]
+                offsets = (filter_index[:, :, None, None] * (batch * self.image_len)
+                           + in_plane[None, None]).reshape(g.groups, -1)
+                matrix = per_group[:, :, :, taps_h][:, :, :, :, taps_w]
+                matrix = group_rows(matrix.reshape(g.in_channels, -1), g.groups,
+                                    self.channels_padded)
+                rows_in_phase = -(-(g.padded_height - phase_h) // sh)
+                out_len = round_up(rows_in_phase * self.grid_w, 16)
+                yield (phase_h, phase_w, out_len) + pad_taps(offsets, matrix, zero_offset)

@@ -1,0 +1,1 @@
+"""Numba kernels, one module per operation family. Kernels never validate their arguments."""

@@ -1,0 +1,82 @@
+"""Packing NCHW arrays into the flat pixel grids the convolution kernels run on, and back.
+
+A grid stores each row (a channel, or a filter) of each image as ``grid_h x grid_w`` pixels,
+row-major, in a slot of ``image_len`` elements (``>= grid_h * grid_w``; the rest is zero). With
+stride ``(sh, sw)`` the padded input is split into ``sh * sw`` phase planes,
+``plane(a, b)[i, j] = padded[i * sh + a, j * sw + b]``, so that a strided convolution reads every
+tap at unit stride. Layout: ``dst[row, phase, n, pixel]``.
+
+These helpers are shared by every convolution family, so they compile once per dtype.
+"""
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def pack_phases(src, dst, rows_per_group, rows_per_group_padded, pad_top, pad_left,
+                stride_h, stride_w, grid_h, grid_w, image_len):
+    """Fill ``dst`` (rows_padded, sh*sw, N, image_len) from ``src`` (N, rows, H, W).
+
+    Source row ``g * rows_per_group + r`` goes to grid row ``g * rows_per_group_padded + r``;
+    grid rows beyond ``rows_per_group`` in each group, padding and spare pixels are zero.
+    Grid pixel (i, j) of phase (a, b) holds ``src[..., i*sh + a - pad_top, j*sw + b - pad_left]``.
+    """
+    batch, rows, height, width = src.shape
+    grid_rows = dst.shape[0]
+    zero = dst.dtype.type(0)
+    for task in prange(grid_rows * batch):
+        task_index = np.int64(task)
+        grid_row = task_index // batch
+        n = task_index - grid_row * batch
+        group = grid_row // rows_per_group_padded
+        local = grid_row - group * rows_per_group_padded
+        valid_row = local < rows_per_group
+        row = group * rows_per_group + local
+        for a in range(stride_h):
+            for b in range(stride_w):
+                plane = dst[grid_row, a * stride_w + b, n]
+                for i in range(grid_h):
+                    ih = i * stride_h + a - pad_top
+                    inside_h = valid_row and 0 <= ih < height
+                    for j in range(grid_w):
+                        iw = j * stride_w + b - pad_left
+                        if inside_h and 0 <= iw < width:
+                            plane[i * grid_w + j] = src[n, row, ih, iw]
+                        else:
+                            plane[i * grid_w + j] = zero
+                for pixel in range(grid_h * grid_w, image_len):
+                    plane[pixel] = zero
+
+
+@njit(parallel=True, cache=True)
+def unpack_phase(grid, dst, rows_per_group, rows_per_group_padded, grid_w, stride_h, stride_w,
+                 phase_h, phase_w, pad_top, pad_left, bias):
+    """Write grid values into the positions of ``dst`` (N, rows, H, W) that belong to a phase.
+
+    grid : (rows_padded, N, L). ``dst[n, row, i*sh + a - pad_top, j*sw + b - pad_left] =
+    grid[grid_row, n, i*grid_w + j] + bias[row]`` for every such position inside ``dst``. With
+    stride 1 and zero padding this is a plain crop of the grid to ``dst``'s shape.
+    """
+    batch, rows, height, width = dst.shape
+    for task in prange(batch * rows):
+        task_index = np.int64(task)
+        n = task_index // rows
+        row = task_index - n * rows
+        group = row // rows_per_group
+        grid_row = group * rows_per_group_padded + row - group * rows_per_group
+        plane = grid[grid_row, n]
+        row_bias = bias[row]
+        # first grid row/column whose position lands inside dst
+        i0 = (pad_top - phase_h + stride_h - 1) // stride_h
+        j0 = (pad_left - phase_w + stride_w - 1) // stride_w
+        i = i0
+        ih = i0 * stride_h + phase_h - pad_top
+        while ih < height:
+            j = j0
+            iw = j0 * stride_w + phase_w - pad_left
+            while iw < width:
+                dst[n, row, ih, iw] = plane[i * grid_w + j] + row_bias
+                j += 1
+                iw += stride_w
+            i += 1
+            ih += stride_h

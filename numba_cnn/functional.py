@@ -1,0 +1,149 @@
+"""The public operations: validate (via ``_args``), coerce dtype and layout, allocate, call kernels.
+
+Conventions for every operation (see also the package README):
+- NCHW layout; conv weights ``(F, C // groups, KH, KW)``; bias ``(F,)``.
+- float32 and float64 are computed natively; mixed inputs follow NumPy promotion; float16 alone
+  is computed and returned as float32; integer and bool inputs become float64.
+- Inputs may be any array-like or non-contiguous view and are never modified; outputs are new
+  C-contiguous arrays.
+- Bad arguments raise ValueError / TypeError before any kernel runs.
+"""
+import numpy as np
+
+from . import _args
+from ._conv_plan import ForwardPlan, InputGradPlan, pad_offsets
+from ._kernels.conv2d import correlate, correlate_grad_weight, ROW_TILE, TAP_TILE
+from ._kernels.layout import unpack_phase
+
+# Pooling lives in its own module (validation section + ops); this is the public surface.
+from ._pooling import (avg_pool2d, avg_pool2d_backward, global_avg_pool2d,  # noqa: E402
+                       global_avg_pool2d_backward, max_pool2d, max_pool2d_backward)
+
+__all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
+           "avg_pool2d_backward", "global_avg_pool2d", "global_avg_pool2d_backward"]
+
+
+def _coerce(arrays, op):
+    """Convert the named arrays to one compute dtype, C-contiguous. Returns (dtype, arrays)."""
+    converted = [None if a is None else _args.as_float_array(a, name, op) for name, a in arrays]
+    dtype = _args.result_dtype(*converted)
+    return dtype, converted
+
+
+def _contiguous(array, dtype):
+    return None if array is None else np.ascontiguousarray(array, dtype=dtype)
+
+
+def _conv2d_forward(x, weight, bias, geometry):
+    """Forward convolution of validated, contiguous, same-dtype arrays."""
+    plan = ForwardPlan(geometry)
+    grid = plan.pack_input(x)
+    offsets, matrix = plan.weight_matrix(weight, grid.zero_offset)
+    out_grid = np.zeros((matrix.shape[0], geometry.batch, plan.out_len), dtype=x.dtype)
+    correlate(grid.data, grid.image_len, offsets, matrix, out_grid)
+    y = np.empty(geometry.output_shape, dtype=x.dtype)
+    bias_values = np.zeros(geometry.out_channels, x.dtype) if bias is None else bias
+    unpack_phase(out_grid, y, plan.filters_per_group, plan.filters_padded, plan.grid_w, 1, 1, 0,
+                 0, 0, 0, bias_values)
+    return y
+
+
+def _conv2d_grad_input(grad_out, weight, geometry):
+    """Gradient of the convolution with respect to its input, shape ``geometry.input_shape``."""
+    plan = InputGradPlan(geometry)
+    grid = plan.pack_grad_output(grad_out)
+    grad_x = np.zeros(geometry.input_shape, dtype=grad_out.dtype)
+    no_bias = np.zeros(geometry.in_channels, dtype=grad_out.dtype)
+    for phase_h, phase_w, out_len, offsets, matrix in plan.phases(weight, grid.zero_offset):
+        out_grid = np.zeros((matrix.shape[0], geometry.batch, out_len), dtype=grad_out.dtype)
+        correlate(grid.data, grid.image_len, offsets, matrix, out_grid)
+        unpack_phase(out_grid, grad_x, plan.channels_per_group, plan.channels_padded,
+                     plan.grid_w, geometry.stride[0], geometry.stride[1], phase_h, phase_w,
+                     geometry.pad[0], geometry.pad[2], no_bias)
+    return grad_x
+
+
+def _conv2d_grad_weight(grad_out, x, geometry):
+    """Gradient of the convolution with respect to its weight, shape ``geometry.weight_shape``."""
+    plan = ForwardPlan(geometry)
+    grid = plan.pack_input(x)
+    offsets = pad_offsets(plan.tap_offsets, grid.zero_offset)
+    grad_grid = plan.pack_grad_output(grad_out)
+    rows, taps = grad_grid.shape[0], offsets.shape[1]
+    grad_matrix = np.empty((rows, taps), dtype=grad_out.dtype)
+    # enough independent tasks for the threads, each still reducing over whole tap tiles
+    tap_splits = max(1, min(taps // TAP_TILE, -(-16 // (rows // ROW_TILE))))
+    correlate_grad_weight(grid.data, offsets, grad_grid, grad_matrix, tap_splits)
+    per_group = grad_matrix.reshape(geometry.groups, plan.filters_padded, taps)
+    kernel_taps = plan.channels_per_group * geometry.kernel[0] * geometry.kernel[1]
+    grad_weight = per_group[:, :plan.filters_per_group, :kernel_taps]
+    return np.ascontiguousarray(grad_weight.reshape(geometry.weight_shape))
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation, as in PyTorch) of ``x`` with ``weight``.
+
+    Args:
+        x: (N, C, H, W) input.
+        weight: (F, C // groups, KH, KW) filters.
+        bias: optional (F,) added to every output pixel of a channel.
+        stride, dilation: int or (h, w), >= 1.
+        padding: int or (h, w) >= 0 zero padding on both sides, or "valid" (no padding) or
+            "same" (output H, W equal the input's; stride 1 only; when the dilated kernel extent
+            is even the extra row/column is padded at the bottom/right, as PyTorch does).
+        groups: input and output channels are split into ``groups`` independent convolutions;
+            ``groups == C`` is a depthwise convolution (F = C * multiplier).
+
+    Returns:
+        y: (N, F, H_out, W_out) with
+        ``H_out = floor((H + pad_top + pad_bottom - dilation_h * (KH - 1) - 1) / stride_h) + 1``
+        (and the same for W), in the promoted dtype of x, weight and bias.
+
+    Example:
+        >>> y = conv2d(np.ones((1, 3, 8, 8), np.float32), np.ones((4, 3, 3, 3), np.float32),
+        ...            padding="same")
+        >>> y.shape
+        (1, 4, 8, 8)
+    """
+    op = "conv2d"
+    dtype, (x, weight, bias) = _coerce([("x", x), ("weight", weight), ("bias", bias)], op)
+    _args.check_ndim(x, 4, "x", op, "(N, C, H, W)")
+    _args.check_ndim(weight, 4, "weight", op, "(F, C // groups, KH, KW)")
+    geometry = _args.conv2d_geometry(x.shape, weight.shape, stride, padding, dilation, groups, op)
+    bias = _args.check_bias(bias, geometry.out_channels, op)
+    if geometry.batch == 0:
+        return np.zeros(geometry.output_shape, dtype=dtype)
+    return _conv2d_forward(_contiguous(x, dtype), _contiguous(weight, dtype),
+                           _contiguous(bias, dtype), geometry)
+
+
+def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1,
+                    need_bias=True):
+    """Gradients of ``conv2d(x, weight, bias, stride, padding, dilation, groups)``.
+
+    Args:
+        grad_out: (N, F, H_out, W_out), the gradient of the loss with respect to the output.
+        x, weight, stride, padding, dilation, groups: as given to ``conv2d``.
+        need_bias: also return the bias gradient (``grad_out`` summed over N, H_out, W_out).
+
+    Returns:
+        (grad_x, grad_weight, grad_bias): shapes (N, C, H, W), (F, C // groups, KH, KW) and (F,),
+        or None for grad_bias when ``need_bias`` is false; all in the promoted dtype of the inputs.
+    """
+    op = "conv2d_backward"
+    dtype, (grad_out, x, weight) = _coerce(
+        [("grad_out", grad_out), ("x", x), ("weight", weight)], op)
+    _args.check_ndim(x, 4, "x", op, "(N, C, H, W)")
+    _args.check_ndim(weight, 4, "weight", op, "(F, C // groups, KH, KW)")
+    geometry = _args.conv2d_geometry(x.shape, weight.shape, stride, padding, dilation, groups, op)
+    _args.check_shape(grad_out, geometry.output_shape, "grad_out", op)
+    grad_out = _contiguous(grad_out, dtype)
+    grad_bias = grad_out.sum(axis=(0, 2, 3), dtype=dtype) if need_bias else None
+    if geometry.batch == 0:
+        return (np.zeros(geometry.input_shape, dtype), np.zeros(geometry.weight_shape, dtype),
+                grad_bias)
+    x = _contiguous(x, dtype)
+    weight = _contiguous(weight, dtype)
+    grad_x = _conv2d_grad_input(grad_out, weight, geometry)
+    grad_weight = _conv2d_grad_weight(grad_out, x, geometry)
+    return grad_x, grad_weight, grad_bias
