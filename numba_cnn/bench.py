@@ -1,0 +1,184 @@
+"""Benchmark numba_cnn against PyTorch's CPU convolution and the im2col NumPy layer.
+
+    python -m numba_cnn.bench [--quick] [--threads 2] [--cases res28,mnist1] [--json FILE]
+
+Each library runs in its own process with the same thread count (Numba's and PyTorch's thread
+pools never share a process), warms up, and reports the median of repeated calls. The table
+gives milliseconds, GFLOP/s and the ratios ``other time / our time`` (> 1 means we are faster).
+Forward+backward computes the input, weight and bias gradients in every library.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+# name: (N, C, H, W, F, kernel, stride, padding, dilation); shapes of shared/DESIGN.md
+CASES = {
+    "mnist1": (64, 1, 28, 28, 32, 3, 1, 0, 1),
+    "mnist2": (64, 32, 13, 13, 64, 3, 1, 0, 1),
+    "z2dl": (100, 1, 28, 28, 30, 5, 1, 0, 1),
+    "res56": (8, 64, 56, 56, 64, 3, 1, 1, 1),
+    "res28": (8, 128, 28, 28, 128, 3, 1, 1, 1),
+    "res14": (8, 256, 14, 14, 256, 3, 1, 1, 1),
+    "dil56": (8, 64, 56, 56, 64, 3, 1, 2, 2),
+    "res28s2": (8, 128, 28, 28, 128, 3, 2, 1, 1),
+}
+LIBRARIES = ("numba_cnn", "torch", "numpy")
+
+
+def conv_flops(case):
+    """Multiply-adds x 2 of one forward pass."""
+    n, c, h, w, f, k, s, p, d = case
+    out_h = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    out_w = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    return 2 * n * f * c * k * k * out_h * out_w
+
+
+def _median_seconds(function, min_repeats, min_seconds):
+    function()
+    function()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _make_runner(library, case, dtype):
+    """Return (forward, forward_backward) closures for one library on one case."""
+    n, c, h, w, f, k, s, p, d = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    weight = (rng.standard_normal((f, c, k, k)) / np.sqrt(c * k * k)).astype(dtype)
+    bias = rng.standard_normal(f).astype(dtype)
+    if library == "numba_cnn":
+        from numba_cnn import functional as F
+        y = F.conv2d(x, weight, bias, s, p, d)
+        grad = rng.standard_normal(y.shape).astype(dtype)
+
+        def forward_backward():
+            F.conv2d(x, weight, bias, s, p, d)
+            F.conv2d_backward(grad, x, weight, s, p, d)
+        return (lambda: F.conv2d(x, weight, bias, s, p, d)), forward_backward
+    if library == "torch":
+        import torch
+        xt = torch.from_numpy(x).requires_grad_(True)
+        wt = torch.from_numpy(weight).requires_grad_(True)
+        bt = torch.from_numpy(bias).requires_grad_(True)
+        conv = torch.nn.functional.conv2d
+        with torch.no_grad():
+            grad = torch.from_numpy(rng.standard_normal(conv(xt, wt, bt, s, p, d).shape)
+                                    .astype(dtype))
+
+        def forward():
+            with torch.no_grad():
+                conv(xt, wt, bt, s, p, d)
+
+        def forward_backward():
+            xt.grad = wt.grad = bt.grad = None
+            conv(xt, wt, bt, s, p, d).backward(grad)
+        return forward, forward_backward
+    from numba_cnn import im2col
+    y, _ = im2col.conv2d(x, weight, bias, s, p, d)
+    grad = rng.standard_normal(y.shape).astype(dtype)
+
+    def forward_backward():
+        _, col = im2col.conv2d(x, weight, bias, s, p, d)
+        im2col.conv2d_backward(grad, x.shape, col, weight, s, p, d)
+    return (lambda: im2col.conv2d(x, weight, bias, s, p, d)), forward_backward
+
+
+def _worker(library, case_names, dtype, quick):
+    if library == "torch":
+        import torch
+        torch.set_num_threads(int(os.environ["NUMBA_NUM_THREADS"]))
+    results = {}
+    min_repeats, min_seconds = (3, 0.2) if quick else (10, 1.0)
+    for name in case_names:
+        forward, forward_backward = _make_runner(library, CASES[name], dtype)
+        results[name] = {
+            "forward": _median_seconds(forward, min_repeats, min_seconds),
+            "forward_backward": _median_seconds(forward_backward, min_repeats, min_seconds),
+        }
+    return results
+
+
+def _run_library(library, case_names, dtype, threads, quick):
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    command = [sys.executable, "-m", "numba_cnn.bench", "--worker", library, "--cases",
+               ",".join(case_names), "--dtype", dtype] + (["--quick"] if quick else [])
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"[{library} failed]\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m numba_cnn.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument("--json", dest="json_file", help="also write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    case_names = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in case_names if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    if args.worker:
+        print(json.dumps(_worker(args.worker, case_names, args.dtype, args.quick)))
+        return 0
+    results = {}
+    for library in args.libraries.split(","):
+        if library == "torch":
+            try:
+                import importlib.util
+                if importlib.util.find_spec("torch") is None:
+                    print("torch is not installed: skipping it", file=sys.stderr)
+                    continue
+            except ImportError:
+                continue
+        results[library] = _run_library(library, case_names, args.dtype, args.threads,
+                                        args.quick)
+    ours = results.get("numba_cnn") or {}
+    header = (f"{'case':8} {'pass':8} {'ours ms':>9} {'GF/s':>7} {'torch ms':>9} {'GF/s':>7} "
+              f"{'vs torch':>8} {'numpy ms':>9} {'vs numpy':>8}")
+    print(f"conv2d {args.dtype}, {args.threads} threads, medians; 'vs X' = X time / our time")
+    print(header)
+    for name in case_names:
+        flops = conv_flops(CASES[name])
+        for kind, factor in (("forward", 1), ("forward_backward", 3)):
+            row = f"{name:8} {'fwd' if factor == 1 else 'fwd+bwd':8}"
+            our_time = ours.get(name, {}).get(kind)
+            for library in LIBRARIES:
+                timing = (results.get(library) or {}).get(name, {}).get(kind)
+                if library == "numba_cnn":
+                    row += (f" {timing * 1e3:9.3f} {factor * flops / timing / 1e9:7.1f}"
+                            if timing else f" {'-':>9} {'-':>7}")
+                elif library == "torch":
+                    row += (f" {timing * 1e3:9.3f} {factor * flops / timing / 1e9:7.1f}"
+                            f" {timing / our_time:8.2f}" if timing and our_time
+                            else f" {'-':>9} {'-':>7} {'-':>8}")
+                else:
+                    row += (f" {timing * 1e3:9.3f} {timing / our_time:8.1f}"
+                            if timing and our_time else f" {'-':>9} {'-':>8}")
+            print(row)
+    if args.json_file:
+        with open(args.json_file, "w") as handle:
+            json.dump({"dtype": args.dtype, "threads": args.threads, "results": results},
+                      handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
