@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from numba_cnn import _reference_pool as ref
-from numba_cnn._pool_layers import AvgPool2D, GlobalAvgPool2D, MaxPool2D
+from numba_cnn.layers import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 from numba_cnn._pooling import (_pool_geometry, _pool_params, avg_pool2d, avg_pool2d_backward,
                                 global_avg_pool2d, global_avg_pool2d_backward, max_pool2d,
                                 max_pool2d_backward)

@@ -1,0 +1,456 @@
+"""Tests for ``numba_cnn.functional.conv2d`` / ``conv2d_backward`` against the NumPy reference
+(``numba_cnn.reference``) and, when installed, PyTorch."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from numba_cnn import functional as F
+from numba_cnn import reference as R
+
+from _conv_cases import CASES, CASE_IDS, ConvCase, assert_close, expected_out_hw, make_inputs, \
+    torch_conv2d
+
+RTOL = {np.float64: 1e-10, np.float32: 1e-4}
+DTYPES = [np.float64, np.float32]
+DTYPE_IDS = ["f64", "f32"]
+
+
+def _check_against_reference(case, x, w, b, g, rtol):
+    """Forward and backward of the library vs the float64 reference of the *same* data."""
+    y = F.conv2d(x, w, b, **case.kwargs)
+    y_ref = R.conv2d(x, w, b, **case.kwargs)
+    assert y.shape == (case.N, case.F) + expected_out_hw(case)
+    assert_close(y, y_ref, rtol, "forward")
+
+    gx, gw, gb = F.conv2d_backward(g, x, w, need_bias=case.bias, **case.kwargs)
+    gx_ref, gw_ref, gb_ref = R.conv2d_backward(g, x, w, need_bias=case.bias, **case.kwargs)
+    assert_close(gx, gx_ref, rtol, "grad_x")
+    assert_close(gw, gw_ref, rtol, "grad_weight")
+    if case.bias:
+        assert gb is not None, "need_bias=True must return grad_bias"
+        assert_close(gb, gb_ref, rtol, "grad_bias")
+    else:
+        assert gb is None, "need_bias=False must return None for grad_bias"
+    return y, gx, gw, gb
+
+
+# ---------------------------------------------------------------------------------------------
+# Values: the curated case grid
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_conv2d_matches_reference(case, dtype, rng):
+    x, w, b, g = make_inputs(case, rng, dtype)
+    y, gx, gw, gb = _check_against_reference(case, x, w, b, g, RTOL[dtype])
+    for name, out in (("y", y), ("grad_x", gx), ("grad_weight", gw), ("grad_bias", gb)):
+        if out is not None:
+            assert out.dtype == dtype, f"{name} dtype {out.dtype}, expected {np.dtype(dtype)}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_conv2d_matches_torch(case, rng, torch_mod):
+    x, w, b, g = make_inputs(case, rng, np.float64)
+    y_t, gx_t, gw_t, gb_t = torch_conv2d(torch_mod, case, x, w, b, g)
+    assert_close(F.conv2d(x, w, b, **case.kwargs), y_t, 1e-10, "forward")
+    gx, gw, gb = F.conv2d_backward(g, x, w, need_bias=True, **case.kwargs)
+    assert_close(gx, gx_t, 1e-10, "grad_x")
+    assert_close(gw, gw_t, 1e-10, "grad_weight")
+    if gb_t is not None:
+        assert_close(gb, gb_t, 1e-10, "grad_bias")
+
+
+def test_positional_arguments_match_keywords(rng):
+    case = ConvCase(2, 4, 7, 6, 6, 3, 2, stride=(2, 1), padding=(1, 2), dilation=(1, 2),
+                    groups=2)
+    x, w, b, g = make_inputs(case, rng)
+    y_pos = F.conv2d(x, w, b, (2, 1), (1, 2), (1, 2), 2)
+    np.testing.assert_array_equal(y_pos, F.conv2d(x, w, b, **case.kwargs))
+    assert_close(y_pos, R.conv2d(x, w, b, **case.kwargs), 1e-10, "forward")
+    grads_pos = F.conv2d_backward(g, x, w, (2, 1), (1, 2), (1, 2), 2, True)
+    grads_kw = F.conv2d_backward(g, x, w, need_bias=True, **case.kwargs)
+    for a, k in zip(grads_pos, grads_kw):
+        np.testing.assert_array_equal(a, k)
+
+
+def test_package_aliases():
+    import numba_cnn
+    assert numba_cnn.F is F
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes
+# ---------------------------------------------------------------------------------------------
+
+CASE_DT = ConvCase(2, 4, 6, 5, 6, 3, 2, stride=(1, 2), padding=1, groups=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_native_dtype_preserved(dtype, rng):
+    x, w, b, g = make_inputs(CASE_DT, rng, dtype)
+    assert F.conv2d(x, w, b, **CASE_DT.kwargs).dtype == dtype
+    assert F.conv2d(x, w, None, **CASE_DT.kwargs).dtype == dtype
+    for out in F.conv2d_backward(g, x, w, **CASE_DT.kwargs):
+        assert out.dtype == dtype
+
+
+def test_float16_computed_as_float32(rng):
+    x, w, b, g = make_inputs(CASE_DT, rng, np.float16)
+    y = F.conv2d(x, w, b, **CASE_DT.kwargs)
+    assert y.dtype == np.float32
+    assert_close(y, R.conv2d(x, w, b, **CASE_DT.kwargs), 1e-4, "forward")
+    grads = F.conv2d_backward(g, x, w, **CASE_DT.kwargs)
+    for out, ref, name in zip(grads, R.conv2d_backward(g, x, w, **CASE_DT.kwargs),
+                              ("grad_x", "grad_weight", "grad_bias")):
+        assert out.dtype == np.float32, f"{name} dtype {out.dtype}"
+        assert_close(out, ref, 1e-4, name)
+
+
+@pytest.mark.parametrize("int_dtype", [np.int32, np.int64, np.uint8, np.bool_])
+def test_integer_and_bool_input_becomes_float64(int_dtype, rng):
+    case = CASE_DT
+    x = rng.integers(0, 2 if int_dtype is np.bool_ else 5, case.x_shape).astype(int_dtype)
+    w = rng.integers(0, 2 if int_dtype is np.bool_ else 5, case.w_shape).astype(int_dtype)
+    assert x.any() and not x.all()
+    y = F.conv2d(x, w, **case.kwargs)
+    assert y.dtype == np.float64
+    assert_close(y, R.conv2d(x, w, **case.kwargs), 1e-12, "forward")
+    g = rng.integers(-3, 4, y.shape).astype(int_dtype)
+    for out, ref in zip(F.conv2d_backward(g, x, w, **case.kwargs),
+                        R.conv2d_backward(g, x, w, **case.kwargs)):
+        assert out.dtype == np.float64
+        assert_close(out, ref, 1e-12, "backward")
+
+
+def test_int_x_with_float32_weight_follows_numpy_promotion(rng):
+    # np.result_type(int64, float32) is float64.
+    x = rng.integers(-4, 5, CASE_DT.x_shape)
+    w = rng.standard_normal(CASE_DT.w_shape).astype(np.float32)
+    y = F.conv2d(x, w, **CASE_DT.kwargs)
+    assert y.dtype == np.result_type(x.dtype, np.float32) == np.float64
+    assert_close(y, R.conv2d(x, w, **CASE_DT.kwargs), 1e-10, "forward")
+
+
+def test_mixed_float32_x_float64_weight_gives_float64(rng):
+    x, _, _, g = make_inputs(CASE_DT, rng, np.float32)
+    _, w, b, _ = make_inputs(CASE_DT, rng, np.float64)
+    y = F.conv2d(x, w, b, **CASE_DT.kwargs)
+    assert y.dtype == np.float64
+    # float32 data is exactly representable in float64, so the result is float64-accurate.
+    assert_close(y, R.conv2d(x, w, b, **CASE_DT.kwargs), 1e-10, "forward")
+    grads = F.conv2d_backward(g, x, w, **CASE_DT.kwargs)
+    for out, ref, name in zip(grads, R.conv2d_backward(g, x, w, **CASE_DT.kwargs),
+                              ("grad_x", "grad_weight", "grad_bias")):
+        assert out.dtype == np.float64, f"{name} dtype {out.dtype}"
+        assert_close(out, ref, 1e-10, name)
+
+
+def test_nested_list_input(rng):
+    x, w, b, _ = make_inputs(ConvCase(1, 2, 4, 4, 2, 2, 2), rng)
+    y = F.conv2d(x.tolist(), w.tolist(), b.tolist())
+    assert isinstance(y, np.ndarray) and y.dtype == np.float64
+    assert_close(y, R.conv2d(x, w, b), 1e-10, "forward")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory layout: outputs, non-contiguous inputs, no mutation, empty batch
+# ---------------------------------------------------------------------------------------------
+
+LAYOUT_CASES = [
+    ConvCase(2, 4, 7, 6, 6, 3, 3, stride=2, padding=1, groups=2),
+    ConvCase(2, 3, 6, 7, 5, 2, 4, padding="same", dilation=(2, 1)),
+    ConvCase(1, 5, 5, 5, 5, 1, 1, groups=1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=["groups2", "same_dil", "k1x1"])
+def test_outputs_are_new_c_contiguous_arrays(case, dtype, rng):
+    x, w, b, g = make_inputs(case, rng, dtype)
+    y = F.conv2d(x, w, b, **case.kwargs)
+    outs = [("y", y)] + list(zip(("grad_x", "grad_weight", "grad_bias"),
+                                 F.conv2d_backward(g, x, w, **case.kwargs)))
+    for name, out in outs:
+        assert isinstance(out, np.ndarray), name
+        assert out.flags.c_contiguous, f"{name} is not C-contiguous"
+        for inp in (x, w, b, g):
+            assert not np.shares_memory(out, inp), f"{name} shares memory with an input"
+
+
+def _noncontiguous(arr, kind):
+    """A non-contiguous view with the same values as ``arr``. Gaps in the underlying buffer are
+    poisoned (NaN, or -7 for integers) so that reading the wrong element shows."""
+    poison = np.nan if arr.dtype.kind == "f" else -7
+    if kind == "transposed" and arr.ndim == 4:
+        base = np.ascontiguousarray(arr.transpose(0, 2, 3, 1))      # NHWC storage
+        view = base.transpose(0, 3, 1, 2)
+    elif kind == "transposed" or kind == "strided":
+        # Every other element of a bigger array, last axis stored reversed.
+        shape = list(arr.shape)
+        shape[-1] *= 2
+        base = np.full(shape, poison, dtype=arr.dtype)
+        base[..., ::2] = arr[..., ::-1]
+        view = base[..., ::2][..., ::-1]
+    else:
+        raise AssertionError(kind)
+    np.testing.assert_array_equal(view, arr)
+    assert not view.flags.c_contiguous
+    return view
+
+
+@pytest.mark.parametrize("kind", ["transposed", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", LAYOUT_CASES[:2], ids=["groups2", "same_dil"])
+def test_noncontiguous_inputs(case, dtype, kind, rng):
+    x, w, b, g = make_inputs(case, rng, dtype)
+    xv, wv, bv, gv = (_noncontiguous(a, kind) for a in (x, w, b, g))
+    tol = 1e-12 if dtype == np.float64 else 1e-6
+    assert_close(F.conv2d(xv, wv, bv, **case.kwargs), F.conv2d(x, w, b, **case.kwargs), tol,
+                 "forward")
+    for out_v, out_c, name in zip(F.conv2d_backward(gv, xv, wv, **case.kwargs),
+                                  F.conv2d_backward(g, x, w, **case.kwargs),
+                                  ("grad_x", "grad_weight", "grad_bias")):
+        assert out_v.flags.c_contiguous, name
+        assert_close(out_v, out_c, tol, name)
+    # And against the reference, in case the contiguous path is wrong too.
+    assert_close(F.conv2d(xv, wv, bv, **case.kwargs), R.conv2d(x, w, b, **case.kwargs),
+                 RTOL[dtype], "forward vs reference")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, np.int64],
+                         ids=["f64", "f32", "f16", "i64"])
+def test_inputs_not_modified(dtype, rng):
+    case = LAYOUT_CASES[0]
+    x, w, b, g = (a.astype(dtype) for a in make_inputs(case, rng, np.float64))
+    views = [_noncontiguous(a, "strided") for a in (x, w, b, g)]
+    for xx, ww, bb, gg in ((x, w, b, g), tuple(views)):
+        copies = [np.array(a, copy=True) for a in (xx, ww, bb, gg)]
+        bases = [np.array(v.base, copy=True) for v in views]
+        F.conv2d(xx, ww, bb, **case.kwargs)
+        F.conv2d_backward(gg, xx, ww, **case.kwargs)
+        for a, c in zip((xx, ww, bb, gg), copies):
+            np.testing.assert_array_equal(a, c)
+        for v, c in zip(views, bases):  # including the NaN-poisoned gaps of the views
+            np.testing.assert_array_equal(v.base, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", [
+    ConvCase(0, 3, 6, 5, 4, 3, 2, padding=1),
+    ConvCase(0, 4, 7, 7, 6, 3, 3, stride=2, groups=2, dilation=2, padding="valid"),
+], ids=["plain", "groups"])
+def test_batch_zero(case, dtype):
+    x = np.empty(case.x_shape, dtype)
+    w = np.random.default_rng(1).standard_normal(case.w_shape).astype(dtype)
+    b = np.arange(case.F, dtype=dtype) + 1
+    oh, ow = expected_out_hw(case)
+    y = F.conv2d(x, w, b, **case.kwargs)
+    assert y.shape == (0, case.F, oh, ow) and y.dtype == dtype
+    gx, gw, gb = F.conv2d_backward(np.empty((0, case.F, oh, ow), dtype), x, w, **case.kwargs)
+    assert gx.shape == x.shape and gx.dtype == dtype
+    assert gw.shape == w.shape and gw.dtype == dtype
+    assert gb.shape == (case.F,) and gb.dtype == dtype
+    np.testing.assert_array_equal(gw, 0)   # sum over an empty batch
+    np.testing.assert_array_equal(gb, 0)
+    assert F.conv2d_backward(np.empty((0, case.F, oh, ow), dtype), x, w, need_bias=False,
+                             **case.kwargs)[2] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN and inf
+# ---------------------------------------------------------------------------------------------
+
+NAN_CASES = [
+    ConvCase(2, 4, 8, 7, 6, 3, 3, stride=2, padding=1, groups=2),
+    ConvCase(1, 3, 9, 9, 6, 3, 2, dilation=2, padding="same", groups=3),
+    ConvCase(2, 2, 7, 8, 3, 2, 3, stride=(1, 2), padding=(0, 1), dilation=(2, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", NAN_CASES, ids=["groups2_s2", "depthwise_same_dil", "dil_s12"])
+def test_nan_propagates_to_exactly_its_windows(case, dtype, rng):
+    x, w, b, _ = make_inputs(case, rng, dtype)
+    # Put the NaN in the second image, second channel group, off-centre pixel.
+    pos = (case.N - 1, case.C - 1, case.H // 2 + 1, case.W // 2 - 1)
+    x[pos] = np.nan
+    y = F.conv2d(x, w, b, **case.kwargs)
+    # Expected mask: outputs whose (dilated, strided, grouped) window covers pos, computed by
+    # convolving an indicator with an all-ones kernel (no NaN arithmetic involved).
+    indicator = np.zeros(case.x_shape)
+    indicator[pos] = 1.0
+    mask = R.conv2d(indicator, np.ones(case.w_shape), **case.kwargs) > 0.5
+    assert mask.any() and not mask.all()
+    np.testing.assert_array_equal(np.isnan(y), mask)
+    ref = R.conv2d(np.where(np.isnan(x), 0, x), w, b, **case.kwargs)
+    assert_close(y[~mask], ref[~mask], RTOL[dtype], "finite outputs")
+
+
+def test_inf_propagates_like_reference(rng):
+    case = ConvCase(2, 3, 7, 7, 4, 3, 3, padding=1)
+    x, w, b, _ = make_inputs(case, rng)
+    w = np.abs(w) + 0.1          # positive weights: +inf -> +inf, -inf -> -inf, both -> nan
+    x[0, 0, 3, 2] = np.inf
+    x[0, 0, 3, 3] = -np.inf
+    x[1, 2, 0, 6] = np.inf
+    y = F.conv2d(x, w, b, **case.kwargs)
+    with np.errstate(invalid="ignore"):   # inf - inf in the reference is the point here
+        ref = R.conv2d(x, w, b, **case.kwargs)
+    assert np.isnan(ref).any() and np.isposinf(ref).any() and np.isneginf(ref).any()
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(y), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(y), np.isneginf(ref))
+    finite = np.isfinite(ref)
+    assert_close(y[finite], ref[finite], 1e-10, "finite outputs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+_r = np.random.default_rng(7)
+X = _r.standard_normal((2, 4, 6, 6))
+W = _r.standard_normal((6, 4, 3, 3))
+W_G2 = _r.standard_normal((6, 2, 3, 3))
+B = _r.standard_normal(6)
+G = _r.standard_normal((2, 6, 4, 4))       # grad_out for X, W with stride 1, padding 0
+
+BAD_FORWARD = [
+    # id, args, kwargs, exception, regex the message must match
+    ("x_3d", (X[0], W), {}, ValueError, r"\bx\b"),
+    ("x_5d", (X[None], W), {}, ValueError, r"\bx\b"),
+    ("x_scalar", (np.float64(3.0), W), {}, ValueError, r"\bx\b"),
+    ("weight_3d", (X, W[0]), {}, ValueError, "weight"),
+    ("weight_5d", (X, W[None]), {}, ValueError, "weight"),
+    ("channel_mismatch", (X, W[:, :3]), {}, ValueError, "channels"),
+    ("channel_mismatch_groups", (X, W_G2[:, :1]), {"groups": 2}, ValueError, "channels"),
+    ("groups_not_dividing_C", (X, W[:, :1]), {"groups": 3}, ValueError, "groups"),
+    ("groups_not_dividing_F", (X, W_G2[:5]), {"groups": 2}, ValueError, "groups"),
+    ("groups_0", (X, W), {"groups": 0}, ValueError, "groups"),
+    ("groups_negative", (X, W), {"groups": -2}, ValueError, "groups"),
+    ("groups_float", (X, W_G2), {"groups": 2.0}, TypeError, "groups"),
+    ("groups_str", (X, W_G2), {"groups": "2"}, TypeError, "groups"),
+    ("stride_0", (X, W), {"stride": 0}, ValueError, "stride"),
+    ("stride_pair_0", (X, W), {"stride": (1, 0)}, ValueError, "stride"),
+    ("stride_negative", (X, W), {"stride": -1}, ValueError, "stride"),
+    ("stride_float", (X, W), {"stride": 1.5}, TypeError, "stride"),
+    ("stride_triple", (X, W), {"stride": (1, 1, 1)}, TypeError, "stride"),
+    ("dilation_0", (X, W), {"dilation": 0}, ValueError, "dilation"),
+    ("dilation_pair_0", (X, W), {"dilation": (0, 2)}, ValueError, "dilation"),
+    ("padding_negative", (X, W), {"padding": -1}, ValueError, "padding"),
+    ("padding_pair_negative", (X, W), {"padding": (0, -1)}, ValueError, "padding"),
+    ("padding_unknown_str", (X, W), {"padding": "full"}, ValueError, "padding"),
+    ("padding_float", (X, W), {"padding": 0.5}, TypeError, "padding"),
+    ("same_stride2", (X, W), {"padding": "same", "stride": 2}, ValueError, "same"),
+    ("same_stride_pair", (X, W), {"padding": "same", "stride": (1, 2)}, ValueError, "same"),
+    ("kernel_larger_than_input", (X, _r.standard_normal((2, 4, 7, 3))), {}, ValueError, None),
+    ("dilated_kernel_too_big", (X, W), {"dilation": 3}, ValueError, None),
+    ("dilated_kernel_too_big_padded", (X, W), {"dilation": (4, 1), "padding": 1}, ValueError,
+     None),
+    ("bias_wrong_length", (X, W, B[:5]), {}, ValueError, "bias"),
+    ("bias_2d", (X, W, B[:, None]), {}, ValueError, "bias"),
+    ("bias_scalar", (X, W, np.float64(1.0)), {}, ValueError, "bias"),
+    ("bias_complex", (X, W, B.astype(complex)), {}, TypeError, "bias"),
+    ("x_complex", (X.astype(np.complex128), W), {}, TypeError, None),
+    ("weight_complex", (X, W.astype(np.complex64)), {}, TypeError, None),
+    ("x_object", (X.astype(object), W), {}, TypeError, None),
+    ("x_string", (X.astype(str), W), {}, TypeError, None),
+    ("weight_string", (X, np.full(W.shape, "a")), {}, TypeError, None),
+    ("x_ragged", ([[[[1.0, 2.0], [3.0]]]], W), {}, (TypeError, ValueError), None),
+]
+
+
+@pytest.mark.parametrize("args, kwargs, exc, match",
+                         [c[1:] for c in BAD_FORWARD], ids=[c[0] for c in BAD_FORWARD])
+def test_conv2d_bad_input(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        F.conv2d(*args, **kwargs)
+
+
+BAD_BACKWARD = [
+    ("grad_out_wrong_shape", (G[:, :, :3], X, W), {}, ValueError, "grad_out"),
+    ("grad_out_wrong_channels", (G[:, :5], X, W), {}, ValueError, "grad_out"),
+    ("grad_out_wrong_batch", (G[:1], X, W), {}, ValueError, "grad_out"),
+    ("grad_out_for_other_stride", (G, X, W), {"stride": 2}, ValueError, "grad_out"),
+    ("grad_out_3d", (G[0], X, W), {}, ValueError, "grad_out"),
+    ("grad_out_complex", (G.astype(complex), X, W), {}, TypeError, None),
+    ("grad_out_string", (G.astype(str), X, W), {}, TypeError, None),
+    ("x_3d", (G, X[0], W), {}, ValueError, r"\bx\b"),
+    ("weight_3d", (G, X, W[0]), {}, ValueError, "weight"),
+    ("channel_mismatch", (G, X, W[:, :3]), {}, ValueError, "channels"),
+    ("groups_not_dividing", (G, X, W[:, :1]), {"groups": 3}, ValueError, "groups"),
+    ("groups_float", (G, X, W_G2), {"groups": 2.0}, TypeError, "groups"),
+    ("stride_0", (G, X, W), {"stride": 0}, ValueError, "stride"),
+    ("dilation_0", (G, X, W), {"dilation": 0}, ValueError, "dilation"),
+    ("padding_negative", (G, X, W), {"padding": -1}, ValueError, "padding"),
+    ("padding_unknown_str", (G, X, W), {"padding": "full"}, ValueError, "padding"),
+    ("same_stride2", (G, X, W), {"padding": "same", "stride": 2}, ValueError, "same"),
+    ("x_complex", (G, X.astype(complex), W), {}, TypeError, None),
+    ("x_object", (G, X.astype(object), W), {}, TypeError, None),
+]
+
+
+@pytest.mark.parametrize("args, kwargs, exc, match",
+                         [c[1:] for c in BAD_BACKWARD], ids=[c[0] for c in BAD_BACKWARD])
+def test_conv2d_backward_bad_input(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        F.conv2d_backward(*args, **kwargs)
+
+
+def test_bad_input_fixtures_are_otherwise_valid():
+    # Guard against the bad-input table passing for the wrong reason.
+    assert F.conv2d(X, W, B).shape == (2, 6, 4, 4)
+    assert F.conv2d(X, W_G2, B, groups=2).shape == (2, 6, 4, 4)
+    assert F.conv2d(X, W, padding="same").shape == (2, 6, 6, 6)
+    assert len(F.conv2d_backward(G, X, W)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Property test: random valid geometries
+# ---------------------------------------------------------------------------------------------
+
+_int_or_pair = lambda lo, hi: st.one_of(  # noqa: E731
+    st.integers(lo, hi), st.tuples(st.integers(lo, hi), st.integers(lo, hi)))
+
+
+def _as_pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.integers(1, 3))
+    C = groups * draw(st.integers(1, 6 // groups))
+    Fo = groups * draw(st.integers(1, 6 // groups))
+    N = draw(st.integers(1, 2))
+    KH, KW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = draw(_int_or_pair(1, 3))
+    dilation = draw(_int_or_pair(1, 3))
+    if _as_pair(stride) == (1, 1):
+        padding = draw(st.one_of(st.sampled_from(["same", "valid"]), _int_or_pair(0, 2)))
+    else:
+        padding = draw(st.one_of(st.just("valid"), _int_or_pair(0, 2)))
+    dh, dw = _as_pair(dilation)
+    if padding == "same":
+        pad_total = (dh * (KH - 1), dw * (KW - 1))
+    elif padding == "valid":
+        pad_total = (0, 0)
+    else:
+        pad_total = tuple(2 * p for p in _as_pair(padding))
+    h_min = max(1, dh * (KH - 1) + 1 - pad_total[0])
+    w_min = max(1, dw * (KW - 1) + 1 - pad_total[1])
+    assume(h_min <= 9 and w_min <= 9)
+    H, Wd = draw(st.integers(h_min, 9)), draw(st.integers(w_min, 9))
+    bias = draw(st.booleans())
+    case = ConvCase(N, C, H, Wd, Fo, KH, KW, stride, padding, dilation, groups, bias)
+    return case, draw(st.integers(0, 2 ** 32 - 1))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(conv_cases())
+def test_conv2d_property_random_geometry(case_and_seed):
+    case, seed = case_and_seed
+    x, w, b, g = make_inputs(case, np.random.default_rng(seed), np.float64)
+    _check_against_reference(case, x, w, b, g, 1e-10)
