@@ -11,7 +11,7 @@ Conventions for every operation (see also the package README):
 import numpy as np
 
 from . import _args
-from ._conv_plan import ForwardPlan, InputGradPlan, pad_offsets
+from ._conv_plan import ForwardPlan, InputGradPlan, aligned_zeros, pad_offsets
 from ._kernels.conv2d import correlate, correlate_grad_weight, ROW_TILE, TAP_TILE
 from ._kernels.layout import unpack_phase
 
@@ -39,7 +39,7 @@ def _conv2d_forward(x, weight, bias, geometry):
     plan = ForwardPlan(geometry)
     grid = plan.pack_input(x)
     offsets, matrix = plan.weight_matrix(weight, grid.zero_offset)
-    out_grid = np.zeros((matrix.shape[0], geometry.batch, plan.out_len), dtype=x.dtype)
+    out_grid = aligned_zeros((matrix.shape[0], geometry.batch, plan.out_len), x.dtype)
     correlate(grid.data, grid.image_len, offsets, matrix, out_grid)
     y = np.empty(geometry.output_shape, dtype=x.dtype)
     bias_values = np.zeros(geometry.out_channels, x.dtype) if bias is None else bias
@@ -55,7 +55,7 @@ def _conv2d_grad_input(grad_out, weight, geometry):
     grad_x = np.zeros(geometry.input_shape, dtype=grad_out.dtype)
     no_bias = np.zeros(geometry.in_channels, dtype=grad_out.dtype)
     for phase_h, phase_w, out_len, offsets, matrix in plan.phases(weight, grid.zero_offset):
-        out_grid = np.zeros((matrix.shape[0], geometry.batch, out_len), dtype=grad_out.dtype)
+        out_grid = aligned_zeros((matrix.shape[0], geometry.batch, out_len), grad_out.dtype)
         correlate(grid.data, grid.image_len, offsets, matrix, out_grid)
         unpack_phase(out_grid, grad_x, plan.channels_per_group, plan.channels_padded,
                      plan.grid_w, geometry.stride[0], geometry.stride[1], phase_h, phase_w,
