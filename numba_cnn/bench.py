@@ -27,15 +27,29 @@ CASES = {
     "dil56": (8, 64, 56, 56, 64, 3, 1, 2, 2),
     "res28s2": (8, 128, 28, 28, 128, 3, 2, 1, 1),
 }
+# name: (mode, kernel, stride, padding) on a (32, 64, 56, 56) input
+POOL_CASES = {
+    "maxpool2": ("max", 2, 2, 0),
+    "maxpool3": ("max", 3, 2, 1),
+    "avgpool2": ("avg", 2, 2, 0),
+}
+POOL_INPUT = (32, 64, 56, 56)
 LIBRARIES = ("numba_cnn", "torch", "numpy")
 
 
 def conv_flops(case):
-    """Multiply-adds x 2 of one forward pass."""
+    """Multiply-adds x 2 of one forward pass (for pooling: window elements visited)."""
+    if isinstance(case[0], str):
+        _, k, s, p = case
+        n, c, h, w = POOL_INPUT
+        return n * c * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1) * k * k
     n, c, h, w, f, k, s, p, d = case
     out_h = (h + 2 * p - d * (k - 1) - 1) // s + 1
     out_w = (w + 2 * p - d * (k - 1) - 1) // s + 1
     return 2 * n * f * c * k * k * out_h * out_w
+
+
+ALL_CASES = dict(CASES, **POOL_CASES)
 
 
 def _median_seconds(function, min_repeats, min_seconds):
@@ -50,8 +64,56 @@ def _median_seconds(function, min_repeats, min_seconds):
     return float(np.median(times))
 
 
+def _make_pool_runner(library, case, dtype):
+    """(forward, forward_backward) closures for one pooling case."""
+    mode, k, s, p = case
+    x = np.random.default_rng(0).standard_normal(POOL_INPUT).astype(dtype)
+    if library == "numba_cnn":
+        from numba_cnn import functional as F
+        if mode == "max":
+            y, indices = F.max_pool2d(x, k, s, p, return_indices=True)
+            grad = np.ones_like(y)
+
+            def forward_backward():
+                _, idx = F.max_pool2d(x, k, s, p, return_indices=True)
+                F.max_pool2d_backward(grad, idx, x.shape)
+            return (lambda: F.max_pool2d(x, k, s, p)), forward_backward
+        grad = np.ones_like(F.avg_pool2d(x, k, s, p))
+
+        def forward_backward():
+            F.avg_pool2d(x, k, s, p)
+            F.avg_pool2d_backward(grad, x.shape, k, s, p)
+        return (lambda: F.avg_pool2d(x, k, s, p)), forward_backward
+    if library == "torch":
+        import torch
+        pool = (torch.nn.functional.max_pool2d if mode == "max"
+                else torch.nn.functional.avg_pool2d)
+        xt = torch.from_numpy(x).requires_grad_(True)
+        with torch.no_grad():
+            grad = torch.ones_like(pool(xt, k, s, p))
+
+        def forward():
+            with torch.no_grad():
+                pool(xt, k, s, p)
+
+        def forward_backward():
+            xt.grad = None
+            pool(xt, k, s, p).backward(grad)
+        return forward, forward_backward
+    from numba_cnn import im2col
+    y, _ = im2col.pool2d(x, k, k, s, p, mode)
+    grad = np.ones_like(y)
+
+    def forward_backward():
+        _, state = im2col.pool2d(x, k, k, s, p, mode)
+        im2col.pool2d_backward(grad, state, k, k, s, p)
+    return (lambda: im2col.pool2d(x, k, k, s, p, mode)), forward_backward
+
+
 def _make_runner(library, case, dtype):
     """Return (forward, forward_backward) closures for one library on one case."""
+    if isinstance(case[0], str):
+        return _make_pool_runner(library, case, dtype)
     n, c, h, w, f, k, s, p, d = case
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
@@ -101,7 +163,7 @@ def _worker(library, case_names, dtype, quick):
     results = {}
     min_repeats, min_seconds = (3, 0.2) if quick else (10, 1.0)
     for name in case_names:
-        forward, forward_backward = _make_runner(library, CASES[name], dtype)
+        forward, forward_backward = _make_runner(library, ALL_CASES[name], dtype)
         results[name] = {
             "forward": _median_seconds(forward, min_repeats, min_seconds),
             "forward_backward": _median_seconds(forward_backward, min_repeats, min_seconds),
@@ -123,7 +185,8 @@ def _run_library(library, case_names, dtype, threads, quick):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m numba_cnn.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated case names, from {', '.join(ALL_CASES)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -132,9 +195,9 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     case_names = [c for c in args.cases.split(",") if c]
-    unknown = [c for c in case_names if c not in CASES]
+    unknown = [c for c in case_names if c not in ALL_CASES]
     if unknown:
-        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+        parser.error(f"unknown case(s) {unknown}; choose from {list(ALL_CASES)}")
     if args.worker:
         print(json.dumps(_worker(args.worker, case_names, args.dtype, args.quick)))
         return 0
@@ -156,7 +219,7 @@ def main(argv=None):
     print(f"conv2d {args.dtype}, {args.threads} threads, medians; 'vs X' = X time / our time")
     print(header)
     for name in case_names:
-        flops = conv_flops(CASES[name])
+        flops = conv_flops(ALL_CASES[name])
         for kind, factor in (("forward", 1), ("forward_backward", 3)):
             row = f"{name:8} {'fwd' if factor == 1 else 'fwd+bwd':8}"
             our_time = ours.get(name, {}).get(kind)

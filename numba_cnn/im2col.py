@@ -64,3 +64,38 @@ def conv2d_backward(dout, x_shape, col, weight, stride=1, pad=0, dilation=1):
     dcol = dout @ weight.reshape(filters, -1)
     dx = col2im(dcol, x_shape, kernel_h, kernel_w, stride, pad, dilation)
     return dx, dweight, db
+
+
+def pool2d(x, pool_h, pool_w, stride, pad=0, mode="max"):
+    """The book's Pooling forward (im2col, then max or mean over each window's row).
+
+    Returns (y, state) where state is what ``pool2d_backward`` needs. Padding pads with zeros,
+    as the book's im2col does.
+    """
+    batch, channels, height, width = x.shape
+    out_h = (height + 2 * pad - pool_h) // stride + 1
+    out_w = (width + 2 * pad - pool_w) // stride + 1
+    col = im2col(x, pool_h, pool_w, stride, pad).reshape(-1, pool_h * pool_w)
+    if mode == "max":
+        arg = np.argmax(col, axis=1)
+        y = np.max(col, axis=1)
+    else:
+        arg = None
+        y = np.mean(col, axis=1)
+    y = y.reshape(batch, out_h, out_w, channels).transpose(0, 3, 1, 2)
+    return y, (x.shape, arg)
+
+
+def pool2d_backward(dout, state, pool_h, pool_w, stride, pad=0):
+    """The book's Pooling backward: scatter each window's gradient, then col2im."""
+    x_shape, arg = state
+    size = pool_h * pool_w
+    dout = dout.transpose(0, 2, 3, 1)
+    if arg is not None:
+        dcol = np.zeros((dout.size, size), dtype=dout.dtype)
+        dcol[np.arange(arg.size), arg.ravel()] = dout.ravel()
+    else:
+        dcol = np.repeat(dout.reshape(-1, 1) / size, size, axis=1)
+    dcol = dcol.reshape(dout.shape[:3] + (-1,))
+    return col2im(dcol.reshape(dcol.shape[0] * dcol.shape[1] * dcol.shape[2], -1), x_shape,
+                  pool_h, pool_w, stride, pad)
