@@ -38,7 +38,7 @@ _prefer_512_bit_vectors()
 from . import functional  # noqa: E402
 from . import functional as F  # noqa: E402
 from . import layers  # noqa: E402
-from .layers import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D  # noqa: E402
+from .layers import AvgPool2D, Conv2D, ConvTranspose2D, GlobalAvgPool2D, MaxPool2D  # noqa: E402
 
-__all__ = ["functional", "F", "layers", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D",
-           "__version__"]
+__all__ = ["functional", "F", "layers", "Conv2D", "ConvTranspose2D", "MaxPool2D", "AvgPool2D",
+           "GlobalAvgPool2D", "__version__"]

@@ -214,3 +214,162 @@ def check_bias(bias, out_channels, op):
         raise ValueError(f"{op}: bias must have shape ({out_channels},) (one value per output "
                          f"channel), got shape {bias.shape}")
     return bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Transposed convolution (conv_transpose2d, ConvTranspose2D)
+# ---------------------------------------------------------------------------------------------
+
+class ConvTransposeGeometry(NamedTuple):
+    """A 2-D transposed convolution's shapes, normalised and validated.
+
+    x: (batch, in_channels, height, width) -> y: (batch, out_channels, out_height, out_width),
+    weight: (in_channels, out_channels // groups, KH, KW), and per axis
+    ``out = (in - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1``.
+
+    ``conv`` is the ``ConvGeometry`` of the convolution this one is the transpose (adjoint) of:
+    input y-shaped (batch, out_channels, out_height, out_width), weight ``weight`` read as
+    conv2d filters (in_channels filters of out_channels // groups channels), output x-shaped.
+    When ``output_padding >= stride`` (allowed when it is smaller than the dilation) that
+    convolution's formula gives ``floor(output_padding / stride)`` more rows or columns than x
+    has; ``conv`` is cut to x's size, which is exactly the adjoint of the transposed convolution.
+    """
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    output_padding: tuple
+    dilation: tuple
+    groups: int
+    out_height: int
+    out_width: int
+    conv: ConvGeometry
+
+    @property
+    def input_shape(self):
+        return (self.batch, self.in_channels, self.height, self.width)
+
+    @property
+    def output_shape(self):
+        return (self.batch, self.out_channels, self.out_height, self.out_width)
+
+    @property
+    def weight_shape(self):
+        return (self.in_channels, self.out_channels // self.groups) + self.kernel
+
+
+def transposed_out_size(size, kernel, stride, padding, dilation, output_padding):
+    """PyTorch's transposed-convolution output size along one axis."""
+    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+def _transposed_padding(padding, op):
+    if isinstance(padding, str):
+        raise TypeError(f"{op}: padding must be an int or a pair of ints (h, w), got "
+                        f"{padding!r} (string paddings such as 'same' or 'valid' are not "
+                        "supported by transposed convolution, as in PyTorch)")
+    return check_at_least(pair(padding, "padding", op), 0, "padding", op)
+
+
+def check_output_padding(output_padding, stride, dilation, op):
+    """Normalise ``output_padding`` to (h, w) and apply PyTorch's rule: per axis it must be
+    >= 0 and smaller than the stride or the dilation (either)."""
+    output_padding = check_at_least(pair(output_padding, "output_padding", op), 0,
+                                    "output_padding", op)
+    for axis, name in enumerate(("height", "width")):
+        if not (output_padding[axis] < stride[axis] or output_padding[axis] < dilation[axis]):
+            raise ValueError(
+                f"{op}: output_padding must be smaller than either stride or dilation (per "
+                f"axis), got output_padding={output_padding} with stride={stride} and "
+                f"dilation={dilation} ({name}: {output_padding[axis]} is not smaller than "
+                f"{stride[axis]} or {dilation[axis]})")
+    return output_padding
+
+
+def conv_transpose2d_geometry(x_shape, weight_shape, stride, padding, output_padding, dilation,
+                              groups, op="conv_transpose2d"):
+    """Validate a conv_transpose2d call's shapes and hyper-parameters; return its geometry.
+
+    x_shape: (N, C_in, H, W); weight_shape: (C_in, C_out // groups, KH, KW).
+    """
+    if len(x_shape) != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C_in, H, W), got shape {tuple(x_shape)}")
+    if len(weight_shape) != 4:
+        raise ValueError(f"{op}: weight must be 4-D (C_in, C_out // groups, KH, KW), "
+                         f"got shape {tuple(weight_shape)}")
+    if not _is_int(groups):
+        raise TypeError(f"{op}: groups must be an int, got {groups!r}")
+    groups = int(groups)
+    if groups < 1:
+        raise ValueError(f"{op}: groups must be >= 1, got {groups}")
+    stride = check_at_least(pair(stride, "stride", op), 1, "stride", op)
+    dilation = check_at_least(pair(dilation, "dilation", op), 1, "dilation", op)
+    padding = _transposed_padding(padding, op)
+    output_padding = check_output_padding(output_padding, stride, dilation, op)
+    batch, channels, height, width = (int(s) for s in x_shape)
+    in_channels, out_per_group, kernel_h, kernel_w = (int(s) for s in weight_shape)
+    if in_channels < 1 or out_per_group < 1 or min(kernel_h, kernel_w) < 1:
+        raise ValueError(f"{op}: weight must have non-empty channel and kernel dimensions, "
+                         f"got shape {tuple(weight_shape)}")
+    if in_channels % groups:
+        raise ValueError(f"{op}: groups={groups} must divide the input channels "
+                         f"(weight.shape[0]), got {in_channels}")
+    if channels != in_channels:
+        raise ValueError(f"{op}: x has {channels} channels but weight expects {in_channels} "
+                         f"(weight.shape[0]; weight is (C_in, C_out // groups, KH, KW))")
+    if min(height, width) < 1:
+        raise ValueError(f"{op}: x must have a non-empty image, got shape {tuple(x_shape)}")
+    kernel = (kernel_h, kernel_w)
+    out_height = transposed_out_size(height, kernel_h, stride[0], padding[0], dilation[0],
+                                     output_padding[0])
+    out_width = transposed_out_size(width, kernel_w, stride[1], padding[1], dilation[1],
+                                    output_padding[1])
+    if min(out_height, out_width) < 1:
+        raise ValueError(
+            f"{op}: the output would be {out_height}x{out_width}, it must be at least 1x1: "
+            f"(H - 1) * stride - 2 * padding + dilation * (KH - 1) + output_padding + 1 with "
+            f"input {height}x{width}, kernel {kernel}, stride {stride}, padding {padding}, "
+            f"dilation {dilation}, output_padding {output_padding}; reduce padding")
+    out_channels = out_per_group * groups
+    check_size((batch, out_channels, out_height, out_width), "the output", op)
+    conv = conv2d_geometry((batch, out_channels, out_height, out_width), weight_shape, stride,
+                           padding, dilation, groups, op)
+    # floor((H_out + 2p - d(K-1) - 1) / s) + 1 = H + floor(output_padding / s) >= H
+    assert conv.out_height >= height and conv.out_width >= width, (conv, x_shape)
+    conv = conv._replace(out_height=height, out_width=width)
+    return ConvTransposeGeometry(batch, in_channels, height, width, out_channels, kernel, stride,
+                                 padding, output_padding, dilation, groups, out_height,
+                                 out_width, conv)
+
+
+def output_padding_for_size(input_hw, output_size, kernel, stride, padding, dilation, op):
+    """The output_padding that makes a transposed convolution produce ``output_size``.
+
+    As PyTorch's ``ConvTranspose2d(output_size=...)``: ``output_size`` is (H, W) or
+    (N, C, H, W) (N and C ignored); per axis the valid sizes run from the size with
+    output_padding 0 to that plus ``stride - 1``. Anything else raises ValueError with the range.
+    """
+    if isinstance(output_size, (str, bytes)) or not hasattr(output_size, "__len__"):
+        raise TypeError(f"{op}: output_size must be a sequence of 2 (H, W) or 4 (N, C, H, W) "
+                        f"ints, got {output_size!r}")
+    sizes = tuple(output_size)
+    if len(sizes) == 4:
+        sizes = sizes[2:]
+    if len(sizes) != 2:
+        raise ValueError(f"{op}: output_size must have 2 (H, W) or 4 (N, C, H, W) elements, "
+                         f"got {tuple(output_size)!r}")
+    if not all(_is_int(s) for s in sizes):
+        raise TypeError(f"{op}: output_size must contain ints, got {tuple(output_size)!r}")
+    sizes = tuple(int(s) for s in sizes)
+    min_sizes = tuple(transposed_out_size(input_hw[axis], kernel[axis], stride[axis],
+                                          padding[axis], dilation[axis], 0) for axis in (0, 1))
+    max_sizes = tuple(min_sizes[axis] + stride[axis] - 1 for axis in (0, 1))
+    if any(not min_sizes[axis] <= sizes[axis] <= max_sizes[axis] for axis in (0, 1)):
+        raise ValueError(f"{op}: requested an output size of {sizes}, but valid sizes range "
+                         f"from {min_sizes} to {max_sizes} (for an input of "
+                         f"{tuple(input_hw)})")
+    return (sizes[0] - min_sizes[0], sizes[1] - min_sizes[1])

@@ -19,8 +19,9 @@ from ._kernels.layout import unpack_phase
 from ._pooling import (avg_pool2d, avg_pool2d_backward, global_avg_pool2d,  # noqa: E402
                        global_avg_pool2d_backward, max_pool2d, max_pool2d_backward)
 
-__all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
-           "avg_pool2d_backward", "global_avg_pool2d", "global_avg_pool2d_backward"]
+__all__ = ["conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
+           "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+           "global_avg_pool2d", "global_avg_pool2d_backward"]
 
 
 def _coerce(arrays, op):
@@ -146,4 +147,100 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     weight = _contiguous(weight, dtype)
     grad_x = _conv2d_grad_input(grad_out, weight, geometry)
     grad_weight = _conv2d_grad_weight(grad_out, x, geometry)
+    return grad_x, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Transposed convolution: the adjoint of conv2d, built on the conv2d internals above
+# ---------------------------------------------------------------------------------------------
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """2-D transposed convolution ("deconvolution", PyTorch ``conv_transpose2d`` semantics).
+
+    It is the adjoint (the input gradient) of ``conv2d`` with the same weight and
+    hyper-parameters: every input pixel ``x[n, c, i, j]`` scatters ``x * weight[c, f, kh, kw]``
+    to output ``(i * stride_h - pad_h + kh * dil_h, j * stride_w - pad_w + kw * dil_w)``.
+    Computed with the conv2d input-gradient kernels, one stride phase at a time (no
+    zero-inserted input).
+
+    Args:
+        x: (N, C_in, H, W) input.
+        weight: (C_in, C_out // groups, KH, KW), PyTorch's layout for transposed convolution.
+        bias: optional (C_out,) added to every output pixel of a channel.
+        stride, dilation: int or (h, w), >= 1.
+        padding: int or (h, w) >= 0, rows/columns cropped from both sides of the full
+            (unpadded) transposed convolution; it undoes the same padding of the matching
+            ``conv2d``. Strings ("same", "valid") are not accepted (TypeError), as in PyTorch.
+        output_padding: int or (h, w) >= 0, extra rows/columns added at the bottom/right of the
+            output; per axis it must be smaller than the stride or the dilation (PyTorch's rule).
+            It resolves the ambiguity of output sizes for stride > 1.
+        groups: input and output channels are split into ``groups`` independent transposed
+            convolutions; C_in must be divisible by ``groups``, C_out = weight.shape[1] * groups.
+
+    Returns:
+        y: (N, C_out, H_out, W_out) with
+        ``H_out = (H - 1) * stride_h - 2 * pad_h + dil_h * (KH - 1) + output_padding_h + 1``
+        (and the same for W), in the promoted dtype of x, weight and bias.
+
+    Example:
+        >>> y = conv_transpose2d(np.ones((1, 4, 8, 8), np.float32),
+        ...                      np.ones((4, 3, 3, 3), np.float32), stride=2, padding=1,
+        ...                      output_padding=1)
+        >>> y.shape
+        (1, 3, 16, 16)
+    """
+    op = "conv_transpose2d"
+    dtype, (x, weight, bias) = _coerce([("x", x), ("weight", weight), ("bias", bias)], op)
+    _args.check_ndim(x, 4, "x", op, "(N, C_in, H, W)")
+    _args.check_ndim(weight, 4, "weight", op, "(C_in, C_out // groups, KH, KW)")
+    geometry = _args.conv_transpose2d_geometry(x.shape, weight.shape, stride, padding,
+                                               output_padding, dilation, groups, op)
+    bias = _args.check_bias(bias, geometry.out_channels, op)
+    if geometry.batch == 0:
+        return np.zeros(geometry.output_shape, dtype=dtype)
+    # y = A^T x, A the conv2d (input y-shaped, filters = weight) whose geometry is .conv
+    y = _conv2d_grad_input(_contiguous(x, dtype), _contiguous(weight, dtype), geometry.conv)
+    if bias is not None:
+        y += bias.astype(dtype, copy=False)[:, None, None]
+    return y
+
+
+def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_padding=0,
+                              groups=1, dilation=1, need_bias=True):
+    """Gradients of ``conv_transpose2d(x, weight, bias, stride, padding, output_padding,
+    groups, dilation)``.
+
+    Args:
+        grad_out: (N, C_out, H_out, W_out), the gradient of the loss with respect to the output.
+        x, weight, stride, padding, output_padding, groups, dilation: as given to
+            ``conv_transpose2d``.
+        need_bias: also return the bias gradient (``grad_out`` summed over N, H_out, W_out).
+
+    Returns:
+        (grad_x, grad_weight, grad_bias): shapes (N, C_in, H, W), (C_in, C_out // groups, KH, KW)
+        and (C_out,), or None for grad_bias when ``need_bias`` is false; all in the promoted
+        dtype of the inputs. ``grad_x`` is ``conv2d(grad_out, weight, stride, padding,
+        dilation, groups)`` (cut to x's size when output_padding >= stride).
+    """
+    op = "conv_transpose2d_backward"
+    dtype, (grad_out, x, weight) = _coerce(
+        [("grad_out", grad_out), ("x", x), ("weight", weight)], op)
+    _args.check_ndim(x, 4, "x", op, "(N, C_in, H, W)")
+    _args.check_ndim(weight, 4, "weight", op, "(C_in, C_out // groups, KH, KW)")
+    geometry = _args.conv_transpose2d_geometry(x.shape, weight.shape, stride, padding,
+                                               output_padding, dilation, groups, op)
+    _args.check_shape(grad_out, geometry.output_shape, "grad_out", op)
+    grad_out = _contiguous(grad_out, dtype)
+    grad_bias = grad_out.sum(axis=(0, 2, 3), dtype=dtype) if need_bias else None
+    if geometry.batch == 0:
+        return (np.zeros(geometry.input_shape, dtype), np.zeros(geometry.weight_shape, dtype),
+                grad_bias)
+    x = _contiguous(x, dtype)
+    weight = _contiguous(weight, dtype)
+    # With A the conv2d of geometry.conv (y = A^T x): grad_x = A grad_out, and
+    # <grad_out, A_W^T x> = <A_W grad_out, x> makes grad_weight the conv2d weight gradient of
+    # input grad_out against output gradient x.
+    grad_x = _conv2d_forward(grad_out, weight, None, geometry.conv)
+    grad_weight = _conv2d_grad_weight(x, grad_out, geometry.conv)
     return grad_x, grad_weight, grad_bias

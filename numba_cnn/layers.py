@@ -173,7 +173,107 @@ class Conv2D(_ConvBase):
         return grad_x
 
 
+class ConvTranspose2D(_ConvBase):
+    """2-D transposed convolution layer:
+    ``y = conv_transpose2d(x, W, b, stride, padding, output_padding, groups, dilation)``.
+
+    Args:
+        in_channels (C_in), out_channels (C_out): channel counts, both divisible by ``groups``.
+        kernel_size, stride, dilation: int or (h, w), >= 1.
+        padding: int or (h, w) >= 0 (no strings, as in PyTorch).
+        output_padding: int or (h, w) >= 0, extra rows/columns at the bottom/right; per axis
+            smaller than the stride or the dilation. Ignored by ``forward(x, output_size)``.
+        groups: number of blocked connections from input to output channels.
+        bias: learn an additive bias ``b`` (C_out,).
+        dtype: float32 (default) or float64, the dtype of W, b, dW, db.
+        rng: ``numpy.random.Generator`` or seed for the weight initialisation.
+
+    Shape:
+        x: (N, C_in, H, W) -> y: (N, C_out, H_out, W_out),
+        ``H_out = (H - 1) * stride_h - 2 * pad_h + dilation_h * (KH - 1) + output_padding_h + 1``.
+
+    Attributes:
+        W: (C_in, C_out // groups, KH, KW), He-uniform: U(-sqrt(6 / fan_in), sqrt(6 / fan_in))
+            with PyTorch's fan_in for transposed convolution, ``W.shape[1] * KH * KW =
+            C_out // groups * KH * KW``.
+        b: (C_out,) zeros, or None when ``bias=False``.
+        dW, db: gradients filled by ``backward``.
+
+    Example:
+        >>> layer = ConvTranspose2D(8, 3, 3, stride=2, padding=1, output_padding=1, rng=0)
+        >>> y = layer.forward(np.zeros((2, 8, 16, 16), np.float32))      # (2, 3, 32, 32)
+        >>> dx = layer.backward(np.ones_like(y))
+    """
+
+    _defaults = {"stride": (1, 1), "padding": (0, 0), "output_padding": (0, 0), "groups": 1,
+                 "dilation": (1, 1)}
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups=1, bias=True, dilation=1, dtype=np.float32, rng=None):
+        op = "ConvTranspose2D"
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("groups", groups)):
+            if not _args._is_int(value):
+                raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{op}: {name} must be >= 1, got {value}")
+        if in_channels % groups:
+            raise ValueError(f"{op}: in_channels={in_channels} must be divisible by "
+                             f"groups={groups}")
+        if out_channels % groups:
+            raise ValueError(f"{op}: out_channels={out_channels} must be divisible by "
+                             f"groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _args.check_at_least(_args.pair(kernel_size, "kernel_size", op), 1,
+                                                "kernel_size", op)
+        self.stride = _args.check_at_least(_args.pair(stride, "stride", op), 1, "stride", op)
+        self.dilation = _args.check_at_least(_args.pair(dilation, "dilation", op), 1,
+                                             "dilation", op)
+        self.padding = _args._transposed_padding(padding, op)
+        self.output_padding = _args.check_output_padding(output_padding, self.stride,
+                                                         self.dilation, op)
+        dtype = _float_dtype(dtype, op)
+        fan_in = out_channels // groups * self.kernel_size[0] * self.kernel_size[1]
+        self._init_parameters((in_channels, out_channels // groups) + self.kernel_size, fan_in,
+                              out_channels, bias, dtype, rng)
+
+    def _output_padding(self, x, output_size):
+        if output_size is None:
+            return self.output_padding
+        shape = np.shape(x)
+        if len(shape) != 4:
+            raise ValueError(f"ConvTranspose2D: x must be 4-D (N, C_in, H, W), got shape {shape}")
+        return _args.output_padding_for_size(shape[2:], output_size, self.kernel_size,
+                                             self.stride, self.padding, self.dilation,
+                                             "ConvTranspose2D")
+
+    def forward(self, x, output_size=None):
+        """x: (N, C_in, H, W) -> y: (N, C_out, H_out, W_out). Saves x for ``backward``.
+
+        output_size: optional (H_out, W_out) or (N, C, H_out, W_out) (N and C are ignored, so a
+        skip connection's shape can be passed). It picks the output padding as PyTorch does,
+        overriding the layer's ``output_padding`` for this call; per axis it must lie between
+        the size with output padding 0 and that plus ``stride - 1`` (ValueError otherwise).
+        """
+        output_padding = self._output_padding(x, output_size)
+        y = functional.conv_transpose2d(x, self.W, self.b, self.stride, self.padding,
+                                        output_padding, self.groups, self.dilation)
+        self._saved = (x, output_padding)
+        return y
+
+    def backward(self, dout):
+        """dout: (N, C_out, H_out, W_out) -> dx: (N, C_in, H, W); fills ``dW`` and ``db``."""
+        x, output_padding = self._require_forward()
+        grad_x, grad_weight, grad_bias = functional.conv_transpose2d_backward(
+            dout, x, self.W, self.stride, self.padding, output_padding, self.groups,
+            self.dilation, need_bias=self.b is not None)
+        self._store_grads(grad_weight.astype(self.W.dtype, copy=False),
+                          None if grad_bias is None else grad_bias.astype(self.b.dtype,
+                                                                           copy=False))
+        return grad_x
+
+
 # Pooling layers (no parameters) are defined beside their functional ops' module.
 from ._pool_layers import AvgPool2D, GlobalAvgPool2D, MaxPool2D  # noqa: E402
 
-__all__ = ["Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D"]
+__all__ = ["Conv2D", "ConvTranspose2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D"]
