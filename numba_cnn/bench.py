@@ -1,6 +1,7 @@
 """Benchmark numba_cnn against PyTorch's CPU convolution and the im2col NumPy layer.
 
-    python -m numba_cnn.bench [--quick] [--threads 2] [--cases res28,mnist1] [--json FILE]
+    numba-cnn bench [--quick] [--threads 2] [--ops conv2d,conv_transpose2d,pool2d]
+                    [--cases res28,mnist1] [--dtype float64] [--json FILE]
 
 Each library runs in its own process with the same thread count (Numba's and PyTorch's thread
 pools never share a process), warms up, and reports the median of repeated calls. The table
@@ -34,12 +35,23 @@ POOL_CASES = {
     "avgpool2": ("avg", 2, 2, 0),
 }
 POOL_INPUT = (32, 64, 56, 56)
+# name: (N, C_in, H, W, C_out, kernel, stride, padding, output_padding); transposed convolution
+TRANSPOSED_CASES = {
+    "dcgan": (16, 128, 16, 16, 64, 4, 2, 1, 0),
+    "ct28": (8, 64, 28, 28, 64, 3, 1, 1, 0),
+    "ct28op": (8, 64, 28, 28, 64, 3, 2, 1, 1),
+}
+OPS = {"conv2d": CASES, "conv_transpose2d": TRANSPOSED_CASES, "pool2d": POOL_CASES}
 LIBRARIES = ("numba_cnn", "torch", "numpy")
 
 
-def conv_flops(case):
+def conv_flops(name):
     """Multiply-adds x 2 of one forward pass (for pooling: window elements visited)."""
-    if isinstance(case[0], str):
+    case = ALL_CASES[name]
+    if name in TRANSPOSED_CASES:
+        n, c, h, w, f, k, s, p, _ = case
+        return 2 * n * c * h * w * f * k * k
+    if name in POOL_CASES:
         _, k, s, p = case
         n, c, h, w = POOL_INPUT
         return n * c * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1) * k * k
@@ -49,7 +61,7 @@ def conv_flops(case):
     return 2 * n * f * c * k * k * out_h * out_w
 
 
-ALL_CASES = dict(CASES, **POOL_CASES)
+ALL_CASES = dict(CASES, **TRANSPOSED_CASES, **POOL_CASES)
 
 
 def _median_seconds(function, min_repeats, min_seconds):
@@ -110,10 +122,57 @@ def _make_pool_runner(library, case, dtype):
     return (lambda: im2col.pool2d(x, k, k, s, p, mode)), forward_backward
 
 
-def _make_runner(library, case, dtype):
+def _make_transposed_runner(library, case, dtype):
+    """(forward, forward_backward) closures for one transposed-convolution case."""
+    n, c, h, w, f, k, s, p, op = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    weight = (rng.standard_normal((c, f, k, k)) / np.sqrt(c * k * k)).astype(dtype)
+    bias = rng.standard_normal(f).astype(dtype)
+    if library == "numba_cnn":
+        from numba_cnn import functional as F
+        grad = rng.standard_normal(F.conv_transpose2d(x, weight, bias, s, p, op).shape
+                                   ).astype(dtype)
+
+        def forward_backward():
+            F.conv_transpose2d(x, weight, bias, s, p, op)
+            F.conv_transpose2d_backward(grad, x, weight, s, p, op)
+        return (lambda: F.conv_transpose2d(x, weight, bias, s, p, op)), forward_backward
+    if library == "torch":
+        import torch
+        xt = torch.from_numpy(x).requires_grad_(True)
+        wt = torch.from_numpy(weight).requires_grad_(True)
+        bt = torch.from_numpy(bias).requires_grad_(True)
+        conv = torch.nn.functional.conv_transpose2d
+        with torch.no_grad():
+            grad = torch.from_numpy(rng.standard_normal(conv(xt, wt, bt, s, p, op).shape)
+                                    .astype(dtype))
+
+        def forward():
+            with torch.no_grad():
+                conv(xt, wt, bt, s, p, op)
+
+        def forward_backward():
+            xt.grad = wt.grad = bt.grad = None
+            conv(xt, wt, bt, s, p, op).backward(grad)
+        return forward, forward_backward
+    from numba_cnn import im2col
+    y, _ = im2col.conv_transpose2d(x, weight, bias, s, p, op)
+    grad = rng.standard_normal(y.shape).astype(dtype)
+
+    def forward_backward():
+        _, x_matrix = im2col.conv_transpose2d(x, weight, bias, s, p, op)
+        im2col.conv_transpose2d_backward(grad, x.shape, x_matrix, weight, s, p)
+    return (lambda: im2col.conv_transpose2d(x, weight, bias, s, p, op)), forward_backward
+
+
+def _make_runner(library, name, dtype):
     """Return (forward, forward_backward) closures for one library on one case."""
-    if isinstance(case[0], str):
+    case = ALL_CASES[name]
+    if name in POOL_CASES:
         return _make_pool_runner(library, case, dtype)
+    if name in TRANSPOSED_CASES:
+        return _make_transposed_runner(library, case, dtype)
     n, c, h, w, f, k, s, p, d = case
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
@@ -163,7 +222,7 @@ def _worker(library, case_names, dtype, quick):
     results = {}
     min_repeats, min_seconds = (3, 0.2) if quick else (10, 1.0)
     for name in case_names:
-        forward, forward_backward = _make_runner(library, ALL_CASES[name], dtype)
+        forward, forward_backward = _make_runner(library, name, dtype)
         results[name] = {
             "forward": _median_seconds(forward, min_repeats, min_seconds),
             "forward_backward": _median_seconds(forward_backward, min_repeats, min_seconds),
@@ -185,8 +244,10 @@ def _run_library(library, case_names, dtype, threads, quick):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m numba_cnn.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"comma-separated case names, from {', '.join(ALL_CASES)}")
+    parser.add_argument("--cases", help=f"comma-separated case names, from "
+                        f"{', '.join(ALL_CASES)} (default: every case of --ops)")
+    parser.add_argument("--ops", default="conv2d",
+                        help=f"comma-separated operation families, from {', '.join(OPS)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -194,7 +255,13 @@ def main(argv=None):
     parser.add_argument("--json", dest="json_file", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    case_names = [c for c in args.cases.split(",") if c]
+    unknown_ops = [o for o in args.ops.split(",") if o not in OPS]
+    if unknown_ops:
+        parser.error(f"unknown op(s) {unknown_ops}; choose from {list(OPS)}")
+    if args.cases:
+        case_names = [c for c in args.cases.split(",") if c]
+    else:
+        case_names = [name for op in args.ops.split(",") for name in OPS[op]]
     unknown = [c for c in case_names if c not in ALL_CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(ALL_CASES)}")
@@ -216,10 +283,11 @@ def main(argv=None):
     ours = results.get("numba_cnn") or {}
     header = (f"{'case':8} {'pass':8} {'ours ms':>9} {'GF/s':>7} {'torch ms':>9} {'GF/s':>7} "
               f"{'vs torch':>8} {'numpy ms':>9} {'vs numpy':>8}")
-    print(f"conv2d {args.dtype}, {args.threads} threads, medians; 'vs X' = X time / our time")
+    print(f"{args.ops} {args.dtype}, {args.threads} threads, medians; "
+          "'vs X' = X time / our time")
     print(header)
     for name in case_names:
-        flops = conv_flops(ALL_CASES[name])
+        flops = conv_flops(name)
         for kind, factor in (("forward", 1), ("forward_backward", 3)):
             row = f"{name:8} {'fwd' if factor == 1 else 'fwd+bwd':8}"
             our_time = ours.get(name, {}).get(kind)

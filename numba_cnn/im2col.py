@@ -99,3 +99,28 @@ def pool2d_backward(dout, state, pool_h, pool_w, stride, pad=0):
     dcol = dcol.reshape(dout.shape[:3] + (-1,))
     return col2im(dcol.reshape(dcol.shape[0] * dcol.shape[1] * dcol.shape[2], -1), x_shape,
                   pool_h, pool_w, stride, pad)
+
+
+def conv_transpose2d(x, weight, bias, stride=1, pad=0, output_padding=0):
+    """Transposed convolution as the im2col layers would compute it: one matmul, then col2im.
+
+    x : (N, C_in, H, W); weight : (C_in, C_out, KH, KW). Returns (y, x_matrix) for the backward.
+    """
+    batch, in_channels, height, width = x.shape
+    _, out_channels, kernel_h, kernel_w = weight.shape
+    out_h = (height - 1) * stride - 2 * pad + kernel_h + output_padding
+    out_w = (width - 1) * stride - 2 * pad + kernel_w + output_padding
+    x_matrix = x.transpose(0, 2, 3, 1).reshape(-1, in_channels)
+    dcol = x_matrix @ weight.reshape(in_channels, -1)
+    y = col2im(dcol, (batch, out_channels, out_h, out_w), kernel_h, kernel_w, stride, pad)
+    return y + bias[None, :, None, None], x_matrix
+
+
+def conv_transpose2d_backward(dout, x_shape, x_matrix, weight, stride=1, pad=0):
+    """Backward of ``conv_transpose2d``: returns (dx, dW, db)."""
+    batch, in_channels, height, width = x_shape
+    _, _, kernel_h, kernel_w = weight.shape
+    col = im2col(dout, kernel_h, kernel_w, stride, pad)
+    dx = (col @ weight.reshape(in_channels, -1).T).reshape(batch, height, width, in_channels)
+    dweight = (x_matrix.T @ col).reshape(weight.shape)
+    return dx.transpose(0, 3, 1, 2), dweight, dout.sum(axis=(0, 2, 3))
