@@ -1,0 +1,83 @@
+"""Determinism and thread safety of the kernels.
+
+Every output element (and every weight-gradient entry) is reduced by exactly one task in a fixed
+order, so results must be bitwise identical across repeated calls, across Numba thread counts,
+and when several Python threads call the library at once.
+"""
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+from numba_cnn import functional as F
+
+
+def _conv_case(rng, dtype):
+    x = rng.standard_normal((3, 5, 11, 9)).astype(dtype)
+    w = rng.standard_normal((7, 5, 3, 2)).astype(dtype)
+    g = rng.standard_normal((3, 7, 6, 5)).astype(dtype)
+    return x, w, g
+
+
+def _conv_results(x, w, g):
+    y = F.conv2d(x, w, stride=2, padding=1, dilation=1)
+    return (y,) + F.conv2d_backward(g, x, w, stride=2, padding=1)
+
+
+def _pool_results(x):
+    y, indices = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    avg = F.avg_pool2d(x, 2)
+    return (y, indices, F.max_pool2d_backward(np.ones_like(y), indices, x.shape), avg,
+            F.avg_pool2d_backward(np.ones_like(avg), x.shape, 2))
+
+
+def _assert_bitwise_equal(first, second):
+    for a, b in zip(first, second):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_repeated_calls_are_bitwise_identical(rng, dtype):
+    x, w, g = _conv_case(rng, dtype)
+    _assert_bitwise_equal(_conv_results(x, w, g), _conv_results(x, w, g))
+    _assert_bitwise_equal(_pool_results(x), _pool_results(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_results_do_not_depend_on_the_thread_count(rng, dtype):
+    x, w, g = _conv_case(rng, dtype)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        single = _conv_results(x, w, g) + _pool_results(x)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        several = _conv_results(x, w, g) + _pool_results(x)
+    finally:
+        numba.set_num_threads(threads)
+    _assert_bitwise_equal(single, several)
+
+
+def test_concurrent_python_threads_match_serial_calls(rng):
+    cases = [_conv_case(np.random.default_rng(seed), np.float32) for seed in range(4)]
+    expected = [_conv_results(*case) + _pool_results(case[0]) for case in cases]
+    results = [None] * len(cases)
+    errors = []
+
+    def work(index):
+        try:
+            for _ in range(5):
+                results[index] = _conv_results(*cases[index]) + _pool_results(cases[index][0])
+        except Exception as error:  # reported below, a thread cannot fail the test itself
+            errors.append(error)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not any(worker.is_alive() for worker in workers), "a worker thread hung"
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        _assert_bitwise_equal(got, want)
