@@ -4,6 +4,8 @@ Pure NumPy and arithmetic, no Numba: this is where the index bookkeeping of stri
 padding and groups lives, so the kernels in ``_kernels/conv2d.py`` only ever see "rows, taps,
 offsets". See that module's docstring for the primitive being targeted.
 """
+import functools
+
 import numpy as np
 
 from ._kernels.conv2d import ROW_TILE, TAP_TILE
@@ -75,13 +77,11 @@ def pad_offsets(offsets, zero_offset):
     return padded
 
 
-def pad_taps(offsets, weight, zero_offset):
-    """Padded offsets (see ``pad_offsets``) and the weight matrix (R, K) padded with zero
-    columns to match, C-contiguous."""
-    offsets_out = pad_offsets(offsets, zero_offset)
-    weight_out = np.zeros((weight.shape[0], offsets_out.shape[1]), dtype=weight.dtype)
-    weight_out[:, :weight.shape[1]] = weight
-    return offsets_out, weight_out
+def pad_columns(matrix, columns):
+    """``matrix`` (R, K) padded with zero columns to (R, columns), C-contiguous."""
+    padded = np.zeros((matrix.shape[0], columns), dtype=matrix.dtype)
+    padded[:, :matrix.shape[1]] = matrix
+    return padded
 
 
 def group_rows(matrix, groups, rows_padded):
@@ -123,19 +123,27 @@ class ForwardPlan:
         phases = sh * sw
         plane_stride = g.batch * self.image_len
         # offsets[group, (c, kh, kw)]
-        self.tap_offsets = ((channel[:, :, None, None] * phases + phase[None, None]) * plane_stride
-                            + in_plane[None, None]).reshape(g.groups, -1)
+        tap_offsets = ((channel[:, :, None, None] * phases + phase[None, None]) * plane_stride
+                       + in_plane[None, None]).reshape(g.groups, -1)
+        self.zero_offset = g.in_channels * phases * plane_stride
+        self.offsets = pad_offsets(tap_offsets, self.zero_offset)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def for_geometry(geometry):
+        """The plan for ``geometry``, built once: training repeats the same shapes."""
+        return ForwardPlan(geometry)
 
     def pack_input(self, x):
         g = self.geometry
         return pack_grid(x, g.in_channels, g.in_channels, 1, (g.pad[0], g.pad[2]), g.stride,
                          (self.grid_h, self.grid_w), self.read_span)
 
-    def weight_matrix(self, weight, zero_offset):
-        """Offsets (G, Kp) and the (G * filters_padded, Kp) weight matrix of ``weight``."""
+    def weight_matrix(self, weight):
+        """The (G * filters_padded, Kp) weight matrix of ``weight`` matching ``offsets``."""
         g = self.geometry
         matrix = group_rows(weight.reshape(g.out_channels, -1), g.groups, self.filters_padded)
-        return pad_taps(self.tap_offsets, matrix, zero_offset)
+        return pad_columns(matrix, self.offsets.shape[1])
 
     def pack_grad_output(self, grad_out):
         """grad_out (N, F, OH, OW) -> (G * filters_padded, N * image_len), zero off the outputs."""
@@ -173,23 +181,22 @@ class InputGradPlan:
         self.filters_per_group = g.out_channels // g.groups
         self.read_span = self.margin_h * self.grid_w + self.margin_w + round_up(
             phase_rows * self.grid_w, 16)
+        self.zero_offset = g.out_channels * g.batch * self.image_len
+        self.phases = self._phase_taps()
 
-    def pack_grad_output(self, grad_out):
-        g = self.geometry
-        return pack_grid(grad_out, g.out_channels, g.out_channels, 1,
-                         (self.margin_h, self.margin_w), (1, 1), (self.grid_h, self.grid_w),
-                         self.read_span)
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def for_geometry(geometry):
+        """The plan for ``geometry``, built once: training repeats the same shapes."""
+        return InputGradPlan(geometry)
 
-    def phases(self, weight, zero_offset):
-        """Yield (phase_h, phase_w, out_len, offsets, weight_matrix) for phases with taps."""
+    def _phase_taps(self):
+        """(phase_h, phase_w, taps_h, taps_w, out_len, offsets) of every phase with taps."""
         g = self.geometry
         (sh, sw), (dh, dw) = g.stride, g.dilation
-        batch = g.batch
-        # weight (F, Cg, KH, KW) -> (G, Cg, Fg, KH, KW): rows are input channels
-        per_group = weight.reshape(g.groups, self.filters_per_group, self.channels_per_group,
-                                   *g.kernel).transpose(0, 2, 1, 3, 4)
         filter_index = (np.arange(g.groups)[:, None] * self.filters_per_group
                         + np.arange(self.filters_per_group)[None, :])
+        phases = []
         for phase_h in range(sh):
             taps_h = [kh for kh in range(g.kernel[0]) if (kh * dh - phase_h) % sh == 0
                       and kh * dh >= phase_h]
@@ -201,11 +208,27 @@ class InputGradPlan:
                 shift_h = np.array([self.margin_h - (kh * dh - phase_h) // sh for kh in taps_h])
                 shift_w = np.array([self.margin_w - (kw * dw - phase_w) // sw for kw in taps_w])
                 in_plane = shift_h[:, None] * self.grid_w + shift_w[None, :]
-                offsets = (filter_index[:, :, None, None] * (batch * self.image_len)
+                offsets = (filter_index[:, :, None, None] * (g.batch * self.image_len)
                            + in_plane[None, None]).reshape(g.groups, -1)
-                matrix = per_group[:, :, :, taps_h][:, :, :, :, taps_w]
-                matrix = group_rows(matrix.reshape(g.in_channels, -1), g.groups,
-                                    self.channels_padded)
+                offsets = pad_offsets(offsets, self.zero_offset)
                 rows_in_phase = -(-(g.padded_height - phase_h) // sh)
                 out_len = round_up(rows_in_phase * self.grid_w, 16)
-                yield (phase_h, phase_w, out_len) + pad_taps(offsets, matrix, zero_offset)
+                phases.append((phase_h, phase_w, taps_h, taps_w, out_len, offsets))
+        return phases
+
+    def pack_grad_output(self, grad_out):
+        g = self.geometry
+        return pack_grid(grad_out, g.out_channels, g.out_channels, 1,
+                         (self.margin_h, self.margin_w), (1, 1), (self.grid_h, self.grid_w),
+                         self.read_span)
+
+    def weight_matrix(self, weight, taps_h, taps_w, columns):
+        """The (G * channels_padded, columns) matrix of one phase: rows are input channels,
+        columns (filter, kh, kw) in the order of that phase's offsets."""
+        g = self.geometry
+        # weight (F, Cg, KH, KW) -> (G, Cg, Fg, KH, KW)
+        per_group = weight.reshape(g.groups, self.filters_per_group, self.channels_per_group,
+                                   *g.kernel).transpose(0, 2, 1, 3, 4)
+        matrix = per_group[:, :, :, taps_h][:, :, :, :, taps_w]
+        matrix = group_rows(matrix.reshape(g.in_channels, -1), g.groups, self.channels_padded)
+        return pad_columns(matrix, columns)

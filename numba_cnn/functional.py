@@ -11,7 +11,7 @@ Conventions for every operation (see also the package README):
 import numpy as np
 
 from . import _args
-from ._conv_plan import ForwardPlan, InputGradPlan, aligned_zeros, pad_offsets
+from ._conv_plan import ForwardPlan, InputGradPlan, aligned_zeros
 from ._kernels.conv2d import correlate, correlate_grad_weight, ROW_TILE, TAP_TILE
 from ._kernels.layout import unpack_phase
 
@@ -37,11 +37,12 @@ def _contiguous(array, dtype):
 
 def _conv2d_forward(x, weight, bias, geometry):
     """Forward convolution of validated, contiguous, same-dtype arrays."""
-    plan = ForwardPlan(geometry)
+    plan = ForwardPlan.for_geometry(geometry)
     grid = plan.pack_input(x)
-    offsets, matrix = plan.weight_matrix(weight, grid.zero_offset)
+    assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
+    matrix = plan.weight_matrix(weight)
     out_grid = aligned_zeros((matrix.shape[0], geometry.batch, plan.out_len), x.dtype)
-    correlate(grid.data, grid.image_len, offsets, matrix, out_grid)
+    correlate(grid.data, grid.image_len, plan.offsets, matrix, out_grid)
     y = np.empty(geometry.output_shape, dtype=x.dtype)
     bias_values = np.zeros(geometry.out_channels, x.dtype) if bias is None else bias
     unpack_phase(out_grid, y, plan.filters_per_group, plan.filters_padded, plan.grid_w, 1, 1, 0,
@@ -51,11 +52,13 @@ def _conv2d_forward(x, weight, bias, geometry):
 
 def _conv2d_grad_input(grad_out, weight, geometry):
     """Gradient of the convolution with respect to its input, shape ``geometry.input_shape``."""
-    plan = InputGradPlan(geometry)
+    plan = InputGradPlan.for_geometry(geometry)
     grid = plan.pack_grad_output(grad_out)
+    assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     grad_x = np.zeros(geometry.input_shape, dtype=grad_out.dtype)
     no_bias = np.zeros(geometry.in_channels, dtype=grad_out.dtype)
-    for phase_h, phase_w, out_len, offsets, matrix in plan.phases(weight, grid.zero_offset):
+    for phase_h, phase_w, taps_h, taps_w, out_len, offsets in plan.phases:
+        matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
         out_grid = aligned_zeros((matrix.shape[0], geometry.batch, out_len), grad_out.dtype)
         correlate(grid.data, grid.image_len, offsets, matrix, out_grid)
         unpack_phase(out_grid, grad_x, plan.channels_per_group, plan.channels_padded,
@@ -66,9 +69,10 @@ def _conv2d_grad_input(grad_out, weight, geometry):
 
 def _conv2d_grad_weight(grad_out, x, geometry):
     """Gradient of the convolution with respect to its weight, shape ``geometry.weight_shape``."""
-    plan = ForwardPlan(geometry)
+    plan = ForwardPlan.for_geometry(geometry)
     grid = plan.pack_input(x)
-    offsets = pad_offsets(plan.tap_offsets, grid.zero_offset)
+    assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
+    offsets = plan.offsets
     grad_grid = plan.pack_grad_output(grad_out)
     rows, taps = grad_grid.shape[0], offsets.shape[1]
     grad_matrix = np.empty((rows, taps), dtype=grad_out.dtype)
