@@ -11,7 +11,7 @@ Conventions for every operation (see also the package README):
 import numpy as np
 
 from . import _args
-from ._conv_plan import ForwardPlan, InputGradPlan, aligned_zeros
+from ._conv_plan import ForwardPlan, InputGradPlan, aligned_empty
 from ._kernels.conv2d import correlate, correlate_grad_weight, ROW_TILE, TAP_TILE
 from ._kernels.layout import unpack_phase
 
@@ -41,7 +41,7 @@ def _conv2d_forward(x, weight, bias, geometry):
     grid = plan.pack_input(x)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     matrix = plan.weight_matrix(weight)
-    out_grid = aligned_zeros((matrix.shape[0], geometry.batch, plan.out_len), x.dtype)
+    out_grid = aligned_empty((matrix.shape[0], geometry.batch, plan.out_len), x.dtype)
     correlate(grid.data, grid.image_len, plan.offsets, matrix, out_grid)
     y = np.empty(geometry.output_shape, dtype=x.dtype)
     bias_values = np.zeros(geometry.out_channels, x.dtype) if bias is None else bias
@@ -59,7 +59,7 @@ def _conv2d_grad_input(grad_out, weight, geometry):
     no_bias = np.zeros(geometry.in_channels, dtype=grad_out.dtype)
     for phase_h, phase_w, taps_h, taps_w, out_len, offsets in plan.phases:
         matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
-        out_grid = aligned_zeros((matrix.shape[0], geometry.batch, out_len), grad_out.dtype)
+        out_grid = aligned_empty((matrix.shape[0], geometry.batch, out_len), grad_out.dtype)
         correlate(grid.data, grid.image_len, offsets, matrix, out_grid)
         unpack_phase(out_grid, grad_x, plan.channels_per_group, plan.channels_padded,
                      plan.grid_w, geometry.stride[0], geometry.stride[1], phase_h, phase_w,

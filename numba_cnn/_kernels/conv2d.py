@@ -48,7 +48,8 @@ def correlate(src, src_image_stride, offsets, weight, out):
 
     src : 1-D, the packed input (see module docstring), with a zero region for padding taps.
     src_image_stride : elements between consecutive images in ``src``.
-    offsets : (G, K) int64; weight : (R, K); out : (R, N, L), zero- or bias-initialised.
+    offsets : (G, K) int64; weight : (R, K); out : (R, N, L), overwritten (zeroed block by
+    block inside the task, which saves a separate zero-filling pass over memory).
     All ``L`` positions of every output row are computed.
     """
     rows, batch, length = out.shape
@@ -56,6 +57,7 @@ def correlate(src, src_image_stride, offsets, weight, out):
     rows_per_group = rows // offsets.shape[0]
     row_tiles = rows // ROW_TILE
     out_flat = out.reshape(-1)
+    zero = out.dtype.type(0)
     for task in prange(batch * row_tiles):
         task_index = np.int64(task)
         n = task_index // row_tiles
@@ -68,6 +70,14 @@ def correlate(src, src_image_stride, offsets, weight, out):
         out3 = np.uint64(((r0 + 3) * batch + n) * length)
         for block_start in range(0, length, PIXEL_BLOCK):
             block_end = min(block_start + PIXEL_BLOCK, length)
+            # zero the block here, where it is about to be used (in cache), rather than
+            # zero-filling the whole output beforehand
+            for pixel in range(block_start, block_end):
+                p = np.uint64(pixel)
+                out_flat[out0 + p] = zero
+                out_flat[out1 + p] = zero
+                out_flat[out2 + p] = zero
+                out_flat[out3 + p] = zero
             for k0 in range(0, taps, TAP_TILE):
                 s0 = np.uint64(src_base + offsets[group, k0 + 0])
                 s1 = np.uint64(src_base + offsets[group, k0 + 1])
