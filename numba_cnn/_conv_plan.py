@@ -191,7 +191,8 @@ class InputGradPlan:
         return InputGradPlan(geometry)
 
     def _phase_taps(self):
-        """(phase_h, phase_w, taps_h, taps_w, out_len, offsets) of every phase with taps."""
+        """(phase_h, phase_w, taps_h, taps_w, first_row, out_len, offsets) of every phase with
+        taps; the phase's output grid starts at grid row ``first_row``."""
         g = self.geometry
         (sh, sw), (dh, dw) = g.stride, g.dilation
         filter_index = (np.arange(g.groups)[:, None] * self.filters_per_group
@@ -207,13 +208,16 @@ class InputGradPlan:
                     continue
                 shift_h = np.array([self.margin_h - (kh * dh - phase_h) // sh for kh in taps_h])
                 shift_w = np.array([self.margin_w - (kw * dw - phase_w) // sw for kw in taps_w])
-                in_plane = shift_h[:, None] * self.grid_w + shift_w[None, :]
+                # compute only the grid rows whose input row lies inside x (not in its
+                # padding): rows first_row <= i < stop_row of this phase
+                first_row = -(-(g.pad[0] - phase_h) // sh)
+                stop_row = -(-(g.height + g.pad[0] - phase_h) // sh)
+                in_plane = (shift_h[:, None] + first_row) * self.grid_w + shift_w[None, :]
                 offsets = (filter_index[:, :, None, None] * (g.batch * self.image_len)
                            + in_plane[None, None]).reshape(g.groups, -1)
                 offsets = pad_offsets(offsets, self.zero_offset)
-                rows_in_phase = -(-(g.padded_height - phase_h) // sh)
-                out_len = round_up(rows_in_phase * self.grid_w, 16)
-                phases.append((phase_h, phase_w, taps_h, taps_w, out_len, offsets))
+                out_len = round_up(max(stop_row - first_row, 0) * self.grid_w, 16)
+                phases.append((phase_h, phase_w, taps_h, taps_w, first_row, out_len, offsets))
         return phases
 
     def pack_grad_output(self, grad_out):

@@ -57,13 +57,13 @@ def _conv2d_grad_input(grad_out, weight, geometry):
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     grad_x = np.zeros(geometry.input_shape, dtype=grad_out.dtype)
     no_bias = np.zeros(geometry.in_channels, dtype=grad_out.dtype)
-    for phase_h, phase_w, taps_h, taps_w, out_len, offsets in plan.phases:
+    for phase_h, phase_w, taps_h, taps_w, first_row, out_len, offsets in plan.phases:
         matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
         out_grid = aligned_empty((matrix.shape[0], geometry.batch, out_len), grad_out.dtype)
         correlate(grid.data, grid.image_len, offsets, matrix, out_grid)
         unpack_phase(out_grid, grad_x, plan.channels_per_group, plan.channels_padded,
                      plan.grid_w, geometry.stride[0], geometry.stride[1], phase_h, phase_w,
-                     geometry.pad[0], geometry.pad[2], no_bias)
+                     geometry.pad[0] - first_row * geometry.stride[0], geometry.pad[2], no_bias)
     return grad_x
 
 
