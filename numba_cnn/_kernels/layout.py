@@ -56,27 +56,38 @@ def unpack_phase(grid, dst, rows_per_group, rows_per_group_padded, grid_w, strid
     grid : (rows_padded, N, L). ``dst[n, row, i*sh + a - pad_top, j*sw + b - pad_left] =
     grid[grid_row, n, i*grid_w + j] + bias[row]`` for every such position inside ``dst``. With
     stride 1 and zero padding this is a plain crop of the grid to ``dst``'s shape.
+    Plain counted loops and direct 3-D/4-D indexing: per-task views and while loops made this
+    copy run at ~2 GB/s.
     """
     batch, rows, height, width = dst.shape
+    # grid rows/columns whose positions land inside dst: first ones, and how many
+    i0 = (pad_top - phase_h + stride_h - 1) // stride_h
+    j0 = (pad_left - phase_w + stride_w - 1) // stride_w
+    row_count = max(0, (height - (i0 * stride_h + phase_h - pad_top) + stride_h - 1) // stride_h)
+    col_count = max(0, (width - (j0 * stride_w + phase_w - pad_left) + stride_w - 1) // stride_w)
+    ih0 = i0 * stride_h + phase_h - pad_top
+    iw0 = j0 * stride_w + phase_w - pad_left
+    dst_flat = dst.reshape(-1)
+    grid_flat = grid.reshape(-1)
+    grid_len = grid.shape[2]
     for task in prange(batch * rows):
         task_index = np.int64(task)
         n = task_index // rows
         row = task_index - n * rows
         group = row // rows_per_group
         grid_row = group * rows_per_group_padded + row - group * rows_per_group
-        plane = grid[grid_row, n]
         row_bias = bias[row]
-        # first grid row/column whose position lands inside dst
-        i0 = (pad_top - phase_h + stride_h - 1) // stride_h
-        j0 = (pad_left - phase_w + stride_w - 1) // stride_w
-        i = i0
-        ih = i0 * stride_h + phase_h - pad_top
-        while ih < height:
-            j = j0
-            iw = j0 * stride_w + phase_w - pad_left
-            while iw < width:
-                dst[n, row, ih, iw] = plane[i * grid_w + j] + row_bias
-                j += 1
-                iw += stride_w
-            i += 1
-            ih += stride_h
+        for i in range(row_count):
+            source = (i0 + i) * grid_w + j0
+            ih = ih0 + i * stride_h
+            if stride_w == 1:
+                # the common case: a unit-stride copy over flat views with unsigned indices
+                # (no negative-index wraparound code), which LLVM vectorises
+                dst_start = np.uint64(((n * rows + row) * height + ih) * width + iw0)
+                grid_start = np.uint64((grid_row * batch + n) * grid_len + source)
+                for j in range(col_count):
+                    column = np.uint64(j)
+                    dst_flat[dst_start + column] = grid_flat[grid_start + column] + row_bias
+            else:
+                for j in range(col_count):
+                    dst[n, row, ih, iw0 + j * stride_w] = grid[grid_row, n, source + j] + row_bias
