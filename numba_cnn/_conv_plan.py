@@ -84,6 +84,12 @@ def pad_columns(matrix, columns):
     return padded
 
 
+def padded_rows(rows):
+    """Rows per group as the correlation kernels see them: a multiple of ROW_TILE, except
+    below ROW_TILE, where ``correlate_rows`` takes them as they are."""
+    return rows if rows < ROW_TILE else round_up(rows, ROW_TILE)
+
+
 def group_rows(matrix, groups, rows_padded):
     """(groups * rows, K) -> (groups * rows_padded, K), zero rows appended in each group."""
     rows = matrix.shape[0] // groups
@@ -177,7 +183,7 @@ class InputGradPlan:
         self.grid_w = max(phase_cols, g.out_width) + self.margin_w
         self.image_len = self.grid_h * self.grid_w
         self.channels_per_group = g.in_channels // g.groups
-        self.channels_padded = round_up(self.channels_per_group, ROW_TILE)
+        self.channels_padded = padded_rows(self.channels_per_group)
         self.filters_per_group = g.out_channels // g.groups
         self.read_span = self.margin_h * self.grid_w + self.margin_w + round_up(
             phase_rows * self.grid_w, 16)

@@ -131,6 +131,50 @@ def correlate(src, src_image_stride, offsets, weight, out):
                     out_flat[out3 + p] = acc
 
 
+@njit(parallel=True, cache=True, fastmath=_FORWARD_MATH)
+def correlate_rows(src, src_image_stride, offsets, weight, out):
+    """``correlate`` for outputs with fewer than ROW_TILE rows per group, one row at a time.
+
+    Padding such groups to 4 rows (a single-channel input gradient, a depthwise convolution)
+    would do 4x the work; one row per task does the useful work only, at a lower FMA rate
+    (4 input loads and a partial-sum load and store per 4 FMAs). Same arguments as
+    ``correlate``; any number of rows.
+    """
+    rows, batch, length = out.shape
+    taps = weight.shape[1]
+    rows_per_group = rows // offsets.shape[0]
+    out_flat = out.reshape(-1)
+    zero = out.dtype.type(0)
+    for task in prange(batch * rows):
+        task_index = np.int64(task)
+        n = task_index // rows
+        row = task_index - n * rows
+        group = row // rows_per_group
+        src_base = n * src_image_stride
+        out0 = np.uint64((row * batch + n) * length)
+        for block_start in range(0, length, PIXEL_BLOCK):
+            block_end = min(block_start + PIXEL_BLOCK, length)
+            for pixel in range(block_start, block_end):
+                out_flat[out0 + np.uint64(pixel)] = zero
+            for k0 in range(0, taps, TAP_TILE):
+                s0 = np.uint64(src_base + offsets[group, k0 + 0])
+                s1 = np.uint64(src_base + offsets[group, k0 + 1])
+                s2 = np.uint64(src_base + offsets[group, k0 + 2])
+                s3 = np.uint64(src_base + offsets[group, k0 + 3])
+                w0 = weight[row, k0 + 0]
+                w1 = weight[row, k0 + 1]
+                w2 = weight[row, k0 + 2]
+                w3 = weight[row, k0 + 3]
+                for pixel in range(block_start, block_end):
+                    p = np.uint64(pixel)
+                    acc = out_flat[out0 + p]
+                    acc += src[s0 + p] * w0
+                    acc += src[s1 + p] * w1
+                    acc += src[s2 + p] * w2
+                    acc += src[s3 + p] * w3
+                    out_flat[out0 + p] = acc
+
+
 @njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
 def correlate_grad_weight(src, offsets, grad, grad_weight, tap_splits):
     """Set ``grad_weight[r, k] = sum_q grad[r, q] * src[offsets[group(r), k] + q]``.
