@@ -35,6 +35,32 @@ def _prefer_512_bit_vectors():
 
 _prefer_512_bit_vectors()
 
+
+def _make_tbb_loadable():
+    """Let Numba pick its TBB threading layer when the ``tbb`` wheel is installed.
+
+    Numba tries TBB first, but a pip-installed ``tbb`` puts ``libtbb.so.12`` in
+    ``<prefix>/lib``, where the dynamic loader does not look, so Numba silently falls back to
+    GNU OpenMP, which kills a forked child that runs a kernel ("fork() called from a process
+    already using GNU OpenMP"). Loading the library by path first fixes that; TBB is also safe
+    for concurrent calls from several Python threads. Does nothing once Numba has started its
+    threads, or when the user chose a layer with NUMBA_THREADING_LAYER.
+    """
+    if "NUMBA_THREADING_LAYER" in _os.environ or not _sys.platform.startswith("linux"):
+        return
+    from numba.np.ufunc import parallel
+    library = _os.path.join(_sys.prefix, "lib", "libtbb.so.12")
+    if parallel._is_initialized or not _os.path.exists(library):
+        return
+    import ctypes
+    try:
+        ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        pass  # Numba then chooses another layer, as it would have anyway
+
+
+_make_tbb_loadable()
+
 from . import functional  # noqa: E402
 from . import functional as F  # noqa: E402
 from . import layers  # noqa: E402

@@ -81,3 +81,27 @@ def test_concurrent_python_threads_match_serial_calls(rng):
     assert not errors, errors
     for got, want in zip(results, expected):
         _assert_bitwise_equal(got, want)
+
+
+def _threading_layer():
+    F.conv2d(np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2)))  # starts Numba's threads
+    return numba.threading_layer()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no os.fork on this platform")
+def test_kernels_work_in_a_forked_child(rng):
+    import os
+    if _threading_layer() == "omp":
+        pytest.skip("Numba runs on GNU OpenMP, which is not fork-safe: install the tbb extra "
+                    "(pip install 'numba-cnn[tbb]')")
+    x, w, g = _conv_case(rng, np.float32)
+    expected = _conv_results(x, w, g)
+    pid = os.fork()
+    if pid == 0:  # the child: exit code says whether it reproduced the parent's results
+        try:
+            same = all(np.array_equal(a, b) for a, b in zip(_conv_results(x, w, g), expected))
+            os._exit(0 if same else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
