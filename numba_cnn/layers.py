@@ -50,6 +50,28 @@ class _ConvBase(_Layer):
 
     _defaults = {}
 
+    def _set_shape_arguments(self, op, in_channels, out_channels, groups, kernel_size, stride,
+                             dilation):
+        """Validate and store the channel counts, groups, kernel size, stride and dilation."""
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("groups", groups)):
+            if not _args._is_int(value):
+                raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{op}: {name} must be >= 1, got {value}")
+        if in_channels % groups:
+            raise ValueError(f"{op}: in_channels={in_channels} must be divisible by "
+                             f"groups={groups}")
+        if out_channels % groups:
+            raise ValueError(f"{op}: out_channels={out_channels} must be divisible by "
+                             f"groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _args.check_at_least(_args.pair(kernel_size, "kernel_size", op), 1,
+                                                "kernel_size", op)
+        self.stride = _args.check_at_least(_args.pair(stride, "stride", op), 1, "stride", op)
+        self.dilation = _args.check_at_least(_args.pair(dilation, "dilation", op), 1,
+                                             "dilation", op)
+
     def _init_parameters(self, weight_shape, fan_in, out_channels, bias, dtype, rng):
         # He (Kaiming) uniform for ReLU networks: W ~ U(-sqrt(6 / fan_in), sqrt(6 / fan_in)),
         # which has variance 2 / fan_in; biases start at zero.
@@ -124,24 +146,8 @@ class Conv2D(_ConvBase):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, dtype=np.float32, rng=None):
         op = "Conv2D"
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("groups", groups)):
-            if not _args._is_int(value):
-                raise TypeError(f"{op}: {name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{op}: {name} must be >= 1, got {value}")
-        if in_channels % groups:
-            raise ValueError(f"{op}: in_channels={in_channels} must be divisible by "
-                             f"groups={groups}")
-        if out_channels % groups:
-            raise ValueError(f"{op}: out_channels={out_channels} must be divisible by "
-                             f"groups={groups}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _args.check_at_least(_args.pair(kernel_size, "kernel_size", op), 1,
-                                                "kernel_size", op)
-        self.stride = _args.check_at_least(_args.pair(stride, "stride", op), 1, "stride", op)
-        self.dilation = _args.check_at_least(_args.pair(dilation, "dilation", op), 1,
-                                             "dilation", op)
+        self._set_shape_arguments(op, in_channels, out_channels, groups, kernel_size, stride,
+                                  dilation)
         if isinstance(padding, str):
             # validated here so that a bad string fails at construction, not at first forward
             _args._conv_padding(padding, self.kernel_size, self.stride, self.dilation, op)
@@ -211,24 +217,8 @@ class ConvTranspose2D(_ConvBase):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  output_padding=0, groups=1, bias=True, dilation=1, dtype=np.float32, rng=None):
         op = "ConvTranspose2D"
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("groups", groups)):
-            if not _args._is_int(value):
-                raise TypeError(f"{op}: {name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{op}: {name} must be >= 1, got {value}")
-        if in_channels % groups:
-            raise ValueError(f"{op}: in_channels={in_channels} must be divisible by "
-                             f"groups={groups}")
-        if out_channels % groups:
-            raise ValueError(f"{op}: out_channels={out_channels} must be divisible by "
-                             f"groups={groups}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _args.check_at_least(_args.pair(kernel_size, "kernel_size", op), 1,
-                                                "kernel_size", op)
-        self.stride = _args.check_at_least(_args.pair(stride, "stride", op), 1, "stride", op)
-        self.dilation = _args.check_at_least(_args.pair(dilation, "dilation", op), 1,
-                                             "dilation", op)
+        self._set_shape_arguments(op, in_channels, out_channels, groups, kernel_size, stride,
+                                  dilation)
         self.padding = _args._transposed_padding(padding, op)
         self.output_padding = _args.check_output_padding(output_padding, self.stride,
                                                          self.dilation, op)
