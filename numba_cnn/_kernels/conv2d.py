@@ -28,7 +28,9 @@ Conventions shared by the kernels (established by ``numba_cnn._conv_plan``):
   (which stops vectorisation).
 """
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from . import cached_njit
 
 ROW_TILE = 4
 TAP_TILE = 4
@@ -42,7 +44,7 @@ _FORWARD_MATH = {"contract"}
 _REDUCE_MATH = {"contract", "reassoc"}
 
 
-@njit(parallel=True, cache=True, fastmath=_FORWARD_MATH)
+@cached_njit(parallel=True, fastmath=_FORWARD_MATH)
 def correlate(src, src_image_stride, offsets, weight, out):
     """Accumulate the multi-tap correlation into ``out``.
 
@@ -131,7 +133,7 @@ def correlate(src, src_image_stride, offsets, weight, out):
                     out_flat[out3 + p] = acc
 
 
-@njit(parallel=True, cache=True, fastmath=_FORWARD_MATH)
+@cached_njit(parallel=True, fastmath=_FORWARD_MATH)
 def correlate_rows(src, src_image_stride, offsets, weight, out):
     """``correlate`` for outputs with fewer than ROW_TILE rows per group, one row at a time.
 
@@ -175,7 +177,7 @@ def correlate_rows(src, src_image_stride, offsets, weight, out):
                     out_flat[out0 + p] = acc
 
 
-@njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
+@cached_njit(parallel=True, fastmath=_REDUCE_MATH)
 def correlate_grad_weight(src, offsets, grad, grad_weight, tap_splits):
     """Set ``grad_weight[r, k] = sum_q grad[r, q] * src[offsets[group(r), k] + q]``.
 

@@ -9,10 +9,12 @@ tap at unit stride. Layout: ``dst[row, phase, n, pixel]``.
 These helpers are shared by every convolution family, so they compile once per dtype.
 """
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from . import cached_njit
 
 
-@njit(parallel=True, cache=True)
+@cached_njit(parallel=True)
 def pack_phases(src, dst, rows_per_group, rows_per_group_padded, pad_top, pad_left,
                 stride_h, stride_w, grid_h, grid_w, image_len):
     """Fill ``dst`` (rows_padded, sh*sw, N, image_len) from ``src`` (N, rows, H, W).
@@ -48,7 +50,7 @@ def pack_phases(src, dst, rows_per_group, rows_per_group_padded, pad_top, pad_le
                     plane[pixel] = zero
 
 
-@njit(parallel=True, cache=True)
+@cached_njit(parallel=True)
 def unpack_phase(grid, dst, rows_per_group, rows_per_group_padded, grid_w, stride_h, stride_w,
                  phase_h, phase_w, pad_top, pad_left, bias):
     """Write grid values into the positions of ``dst`` (N, rows, H, W) that belong to a phase.

@@ -14,8 +14,10 @@ passes normalised ints (``divisor_override == 0`` means "no override"; 0 is reje
 import numpy as np
 from numba import njit, prange
 
+from . import cached_njit
 
-@njit(cache=True)
+
+@cached_njit()
 def _first_tap(start, dilation):
     """First tap ``start + j*dilation`` (j >= 0) that is not in the leading padding (>= 0)."""
     if start >= 0:
@@ -23,7 +25,7 @@ def _first_tap(start, dilation):
     return start + ((-start + dilation - 1) // dilation) * dilation
 
 
-@njit(cache=True)
+@cached_njit()
 def _avg_window(out_pos, stride, pad, kernel, size):
     """One axis of an average-pool window, clipped as PyTorch does.
 
@@ -37,7 +39,7 @@ def _avg_window(out_pos, stride, pad, kernel, size):
     return max(start, 0), min(end, size), end - start
 
 
-@njit(cache=True)
+@cached_njit()
 def _avg_divisor(pool_h, pool_w, rows, cols, count_include_pad, divisor_override):
     if divisor_override != 0:
         return divisor_override
@@ -89,7 +91,7 @@ def _spread_tap(grad_input, shares, plane, base, first, stop, stride):
         grad_input[plane, base + ow * stride] += shares[ow]
 
 
-@njit(parallel=True, cache=True)
+@cached_njit(parallel=True)
 def max_pool2d_forward(x, out, indices, height, width, out_height, out_width, kernel_h, kernel_w,
                        stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w):
     """Max pooling with argmax indices.
@@ -132,7 +134,7 @@ def max_pool2d_forward(x, out, indices, height, width, out_height, out_width, ke
                         _max_tap(x, out, indices, plane, row, base, first, stop, stride_w)
 
 
-@njit(parallel=True, cache=True)
+@cached_njit(parallel=True)
 def max_pool2d_backward(grad_out, indices, grad_input):
     """Scatter-add ``grad_out`` to the argmax positions.
 
@@ -148,7 +150,7 @@ def max_pool2d_backward(grad_out, indices, grad_input):
             grad_input[plane, indices[plane, j]] += grad_out[plane, j]
 
 
-@njit(parallel=True, cache=True)
+@cached_njit(parallel=True)
 def avg_pool2d_forward(x, out, height, width, out_height, out_width, kernel_h, kernel_w,
                        stride_h, stride_w, pad_h, pad_w, count_include_pad, divisor_override):
     """Average pooling. x : (P, H*W); out : (P, OH*OW), written here.
@@ -186,7 +188,7 @@ def avg_pool2d_forward(x, out, height, width, out_height, out_width, kernel_h, k
                 out[plane, oh * out_width + ow] = totals[ow] / divisor
 
 
-@njit(parallel=True, cache=True)
+@cached_njit(parallel=True)
 def avg_pool2d_backward(grad_out, grad_input, height, width, out_height, out_width, kernel_h,
                         kernel_w, stride_h, stride_w, pad_h, pad_w, count_include_pad,
                         divisor_override):
