@@ -49,6 +49,14 @@ _BATCH_NORM_EPS = 1e-6
 _LOG_EPS = 1e-7
 
 
+def _from_forward(layer, state):
+    """The state saved by ``layer``'s last forward; a clear error if there was none."""
+    if state is None:
+        raise RuntimeError(f"{type(layer).__name__}.backward called before forward: call "
+                           "forward first, backward uses what it saved")
+    return state
+
+
 def _grad_dtype(param, computed):
     """dtype a parameter gradient is stored in: the parameter's own float dtype, else the
     dtype it was computed in (scalar or integer parameters)."""
@@ -105,7 +113,7 @@ class Convolution:
         return out
 
     def backward(self, dout):
-        x, weight, bias = self._saved
+        x, weight, bias = _from_forward(self, self._saved)
         dx, grad_weight, grad_bias = functional.conv2d_backward(dout, x, weight, self.stride,
                                                                 self.pad)
         self.dW = grad_weight.astype(_grad_dtype(weight, grad_weight), copy=False)
@@ -145,7 +153,7 @@ class Pooling:
         return out
 
     def backward(self, dout):
-        padded_shape, indices, pad = self._saved
+        padded_shape, indices, pad = _from_forward(self, self._saved)
         dx = functional.max_pool2d_backward(dout, indices, padded_shape)
         if pad:
             dx = np.ascontiguousarray(dx[:, :, pad:padded_shape[2] - pad,
@@ -164,7 +172,7 @@ class Relu:
         return np.where(self.mask, 0, x)
 
     def backward(self, dout):
-        return np.where(self.mask, 0, dout)
+        return np.where(_from_forward(self, self.mask), 0, dout)
 
 
 class Sigmoid:
@@ -178,7 +186,8 @@ class Sigmoid:
         return self.out
 
     def backward(self, dout):
-        return dout * (1.0 - self.out) * self.out
+        out = _from_forward(self, self.out)
+        return dout * (1.0 - out) * out
 
 
 class Affine:
@@ -207,7 +216,7 @@ class Affine:
         return np.dot(flat, weight) + self.b
 
     def backward(self, dout):
-        x_shape, flat, weight = self._saved
+        x_shape, flat, weight = _from_forward(self, self._saved)
         self.dW = np.dot(flat.T, dout)
         self.db = np.sum(dout, axis=0)
         return np.dot(dout, weight.T).reshape(x_shape)
@@ -236,6 +245,7 @@ class SoftmaxWithLoss:
         return self.loss
 
     def backward(self, dout=1):
+        _from_forward(self, self.y)
         batch = self.t.shape[0] if self.t.ndim else 1
         if self.t.size == self.y.size:
             return (self.y - self.t) / batch
@@ -273,7 +283,7 @@ class Dropout:
         return x * (1.0 - self.dropout_ratio)
 
     def backward(self, dout):
-        return dout * self.mask
+        return dout * _from_forward(self, self.mask)
 
 
 class BatchNormalization:
@@ -325,7 +335,7 @@ class BatchNormalization:
         return (gamma * normalized + self.beta).reshape(x_shape)
 
     def backward(self, dout):
-        x_shape, centered, normalized, std, gamma = self._saved
+        x_shape, centered, normalized, std, gamma = _from_forward(self, self._saved)
         dout = np.reshape(dout, (dout.shape[0], -1)) if np.ndim(dout) != 2 else dout
         batch = dout.shape[0]
         self.dbeta = dout.sum(axis=0)

@@ -372,3 +372,19 @@ def test_training_loop_matches_the_book_network(rng):
     np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=0)
     for key in our_params:
         _close(our_params[key], ref_params[key], 1e-10, key)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: compat.Convolution(np.ones((2, 1, 3, 3)), np.zeros(2)),
+    lambda: compat.Pooling(2, 2, 2),
+    lambda: compat.Relu(),
+    lambda: compat.Sigmoid(),
+    lambda: compat.Affine(np.ones((4, 2)), np.zeros(2)),
+    lambda: compat.SoftmaxWithLoss(),
+    lambda: compat.Dropout(),
+    lambda: compat.BatchNormalization(np.ones(4), np.zeros(4)),
+])
+def test_backward_before_forward_raises_a_clear_error(make):
+    layer = make()
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.ones((1, 2, 2, 2)))
