@@ -122,6 +122,28 @@ def _make_pool_runner(library, case, dtype):
     return (lambda: im2col.pool2d(x, k, k, s, p, mode)), forward_backward
 
 
+def _torch_runner(function_name, x, weight, bias, arguments, rng, dtype):
+    """(forward, forward_backward) closures for a torch.nn.functional convolution; the
+    backward computes the input, weight and bias gradients, as ours does."""
+    import torch
+    conv = getattr(torch.nn.functional, function_name)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    wt = torch.from_numpy(weight).requires_grad_(True)
+    bt = torch.from_numpy(bias).requires_grad_(True)
+    with torch.no_grad():
+        grad = torch.from_numpy(rng.standard_normal(conv(xt, wt, bt, *arguments).shape)
+                                .astype(dtype))
+
+    def forward():
+        with torch.no_grad():
+            conv(xt, wt, bt, *arguments)
+
+    def forward_backward():
+        xt.grad = wt.grad = bt.grad = None
+        conv(xt, wt, bt, *arguments).backward(grad)
+    return forward, forward_backward
+
+
 def _make_transposed_runner(library, case, dtype):
     """(forward, forward_backward) closures for one transposed-convolution case."""
     n, c, h, w, f, k, s, p, op = case
@@ -139,23 +161,7 @@ def _make_transposed_runner(library, case, dtype):
             F.conv_transpose2d_backward(grad, x, weight, s, p, op)
         return (lambda: F.conv_transpose2d(x, weight, bias, s, p, op)), forward_backward
     if library == "torch":
-        import torch
-        xt = torch.from_numpy(x).requires_grad_(True)
-        wt = torch.from_numpy(weight).requires_grad_(True)
-        bt = torch.from_numpy(bias).requires_grad_(True)
-        conv = torch.nn.functional.conv_transpose2d
-        with torch.no_grad():
-            grad = torch.from_numpy(rng.standard_normal(conv(xt, wt, bt, s, p, op).shape)
-                                    .astype(dtype))
-
-        def forward():
-            with torch.no_grad():
-                conv(xt, wt, bt, s, p, op)
-
-        def forward_backward():
-            xt.grad = wt.grad = bt.grad = None
-            conv(xt, wt, bt, s, p, op).backward(grad)
-        return forward, forward_backward
+        return _torch_runner("conv_transpose2d", x, weight, bias, (s, p, op), rng, dtype)
     from numba_cnn import im2col
     y, _ = im2col.conv_transpose2d(x, weight, bias, s, p, op)
     grad = rng.standard_normal(y.shape).astype(dtype)
@@ -188,23 +194,7 @@ def _make_runner(library, name, dtype):
             F.conv2d_backward(grad, x, weight, s, p, d)
         return (lambda: F.conv2d(x, weight, bias, s, p, d)), forward_backward
     if library == "torch":
-        import torch
-        xt = torch.from_numpy(x).requires_grad_(True)
-        wt = torch.from_numpy(weight).requires_grad_(True)
-        bt = torch.from_numpy(bias).requires_grad_(True)
-        conv = torch.nn.functional.conv2d
-        with torch.no_grad():
-            grad = torch.from_numpy(rng.standard_normal(conv(xt, wt, bt, s, p, d).shape)
-                                    .astype(dtype))
-
-        def forward():
-            with torch.no_grad():
-                conv(xt, wt, bt, s, p, d)
-
-        def forward_backward():
-            xt.grad = wt.grad = bt.grad = None
-            conv(xt, wt, bt, s, p, d).backward(grad)
-        return forward, forward_backward
+        return _torch_runner("conv2d", x, weight, bias, (s, p, d), rng, dtype)
     from numba_cnn import im2col
     y, _ = im2col.conv2d(x, weight, bias, s, p, d)
     grad = rng.standard_normal(y.shape).astype(dtype)
