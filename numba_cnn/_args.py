@@ -151,15 +151,14 @@ def _conv_padding(padding, kernel, stride, dilation, op):
     return (pad_h, pad_h, pad_w, pad_w)
 
 
-def conv2d_geometry(x_shape, weight_shape, stride, padding, dilation, groups, op="conv2d"):
-    """Validate a conv2d call's shapes and hyper-parameters and return its ``ConvGeometry``.
-
-    x_shape: (N, C, H, W); weight_shape: (F, C // groups, KH, KW).
-    """
+def _conv_arguments(x_shape, weight_shape, stride, dilation, groups, op, x_layout,
+                    weight_layout):
+    """Checks shared by convolution and transposed convolution: 4-D shapes, groups, stride and
+    dilation. Returns (groups, stride, dilation) normalised."""
     if len(x_shape) != 4:
-        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x_shape)}")
+        raise ValueError(f"{op}: x must be 4-D {x_layout}, got shape {tuple(x_shape)}")
     if len(weight_shape) != 4:
-        raise ValueError(f"{op}: weight must be 4-D (F, C // groups, KH, KW), "
+        raise ValueError(f"{op}: weight must be 4-D {weight_layout}, "
                          f"got shape {tuple(weight_shape)}")
     if not _is_int(groups):
         raise TypeError(f"{op}: groups must be an int, got {groups!r}")
@@ -168,6 +167,16 @@ def conv2d_geometry(x_shape, weight_shape, stride, padding, dilation, groups, op
         raise ValueError(f"{op}: groups must be >= 1, got {groups}")
     stride = check_at_least(pair(stride, "stride", op), 1, "stride", op)
     dilation = check_at_least(pair(dilation, "dilation", op), 1, "dilation", op)
+    return groups, stride, dilation
+
+
+def conv2d_geometry(x_shape, weight_shape, stride, padding, dilation, groups, op="conv2d"):
+    """Validate a conv2d call's shapes and hyper-parameters and return its ``ConvGeometry``.
+
+    x_shape: (N, C, H, W); weight_shape: (F, C // groups, KH, KW).
+    """
+    groups, stride, dilation = _conv_arguments(x_shape, weight_shape, stride, dilation, groups,
+                                               op, "(N, C, H, W)", "(F, C // groups, KH, KW)")
     batch, channels, height, width = (int(s) for s in x_shape)
     out_channels, channels_per_group, kernel_h, kernel_w = (int(s) for s in weight_shape)
     if min(kernel_h, kernel_w) < 1 or channels_per_group < 1:
@@ -296,18 +305,9 @@ def conv_transpose2d_geometry(x_shape, weight_shape, stride, padding, output_pad
 
     x_shape: (N, C_in, H, W); weight_shape: (C_in, C_out // groups, KH, KW).
     """
-    if len(x_shape) != 4:
-        raise ValueError(f"{op}: x must be 4-D (N, C_in, H, W), got shape {tuple(x_shape)}")
-    if len(weight_shape) != 4:
-        raise ValueError(f"{op}: weight must be 4-D (C_in, C_out // groups, KH, KW), "
-                         f"got shape {tuple(weight_shape)}")
-    if not _is_int(groups):
-        raise TypeError(f"{op}: groups must be an int, got {groups!r}")
-    groups = int(groups)
-    if groups < 1:
-        raise ValueError(f"{op}: groups must be >= 1, got {groups}")
-    stride = check_at_least(pair(stride, "stride", op), 1, "stride", op)
-    dilation = check_at_least(pair(dilation, "dilation", op), 1, "dilation", op)
+    groups, stride, dilation = _conv_arguments(x_shape, weight_shape, stride, dilation, groups,
+                                               op, "(N, C_in, H, W)",
+                                               "(C_in, C_out // groups, KH, KW)")
     padding = _transposed_padding(padding, op)
     output_padding = check_output_padding(output_padding, stride, dilation, op)
     batch, channels, height, width = (int(s) for s in x_shape)
