@@ -280,7 +280,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
             _planes(x, geometry.planes), _planes(out, geometry.planes),
             _planes(indices, geometry.planes), geometry.height, geometry.width,
             geometry.out_height, geometry.out_width, kernel[0], kernel[1], stride[0], stride[1],
-            padding[0], padding[1], dilation[0], dilation[1])
+            padding[0], padding[1], dilation[0], dilation[1],
+            _kernels.MAX_FORWARD_LANES)
     if return_indices:
         return out, indices
     return out
@@ -332,11 +333,11 @@ def _avg_setup(kernel_size, stride, padding, ceil_mode, count_include_pad, divis
     return kernel, stride, padding, dilation, ceil_mode, count_include_pad, divisor_override
 
 
-def _avg_kernel_args(geometry, count_include_pad, divisor_override):
+def _avg_kernel_args(geometry, count_include_pad, divisor_override, lanes):
     g = geometry
     return (g.height, g.width, g.out_height, g.out_width, g.kernel[0], g.kernel[1],
             g.stride[0], g.stride[1], g.padding[0], g.padding[1], bool(count_include_pad),
-            0 if divisor_override is None else int(divisor_override))
+            0 if divisor_override is None else int(divisor_override), lanes)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -369,7 +370,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     if geometry.planes:
         _kernels.avg_pool2d_forward(
             _planes(_kernel_array(x, dtype), geometry.planes), _planes(out, geometry.planes),
-            *_avg_kernel_args(geometry, count_include_pad, divisor_override))
+            *_avg_kernel_args(geometry, count_include_pad, divisor_override,
+                              _kernels.AVG_FORWARD_LANES))
     return out
 
 
@@ -401,7 +403,8 @@ def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding
         _kernels.avg_pool2d_backward(
             _planes(_kernel_array(grad_out, dtype), geometry.planes),
             _planes(grad_input, geometry.planes),
-            *_avg_kernel_args(geometry, count_include_pad, divisor_override))
+            *_avg_kernel_args(geometry, count_include_pad, divisor_override,
+                              _kernels.AVG_BACKWARD_LANES))
     return grad_input
 
 
@@ -431,7 +434,7 @@ def global_avg_pool2d(x):
         # Reuses the average-pooling kernel, so no extra compilation.
         _kernels.avg_pool2d_forward(
             _planes(_kernel_array(x, dtype), geometry.planes), _planes(out, geometry.planes),
-            *_avg_kernel_args(geometry, True, None))
+            *_avg_kernel_args(geometry, True, None, _kernels.AVG_FORWARD_LANES))
     return out
 
 
@@ -456,5 +459,6 @@ def global_avg_pool2d_backward(grad_out, input_shape):
     if geometry.planes:
         _kernels.avg_pool2d_backward(
             _planes(_kernel_array(grad_out, dtype), geometry.planes),
-            _planes(grad_input, geometry.planes), *_avg_kernel_args(geometry, True, None))
+            _planes(grad_input, geometry.planes),
+            *_avg_kernel_args(geometry, True, None, _kernels.AVG_BACKWARD_LANES))
     return grad_input

@@ -154,6 +154,55 @@ def test_max_pool_inf_windows():
     np.testing.assert_array_equal(indices[0, 0, 0], [0, 7])
 
 
+# The kernels' unrolled path (square 2x2 / 3x3 windows, stride_w 1 or 2, no dilation) handles
+# the interior outputs of a row in chunks of 8-32 with the last chunk moved back over the
+# previous one; the rest of the row (padding borders) and rows touching the padding take the
+# general loops. These widths give interior runs shorter than, equal to and longer than a chunk,
+# with and without a remainder; the data hold ties, NaN, -inf and +inf.
+UNROLLED_SHAPES = [(1, 2, 7, 75), (2, 1, 9, 70), (1, 1, 6, 34)]
+UNROLLED_WINDOWS = [dict(kernel_size=kernel, stride=stride, padding=padding, ceil_mode=ceil)
+                    for kernel in (2, 3) for stride in ((1, 1), (2, 2), (3, 3), (3, 2), (2, 1))
+                    for padding in (0, 1) for ceil in (False, True)]
+
+
+def _special_values(shape, dtype, seed):
+    x = _ties(shape, seed).astype(dtype)
+    picks = np.random.default_rng(seed + 1).random(shape)
+    x[picks < 0.02] = np.nan
+    x[(picks >= 0.02) & (picks < 0.04)] = -np.inf
+    x[(picks >= 0.04) & (picks < 0.05)] = np.inf
+    return x
+
+
+def _on_dirty_memory(call, shape, dtype):
+    """Run ``call`` right after freeing a NaN-filled array of ``shape``: the allocator tends to
+    hand the same block to the call's output, so positions a kernel forgets to write show up."""
+    garbage = np.full(shape, np.nan, dtype)
+    del garbage
+    return call()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", UNROLLED_SHAPES)
+def test_unrolled_windows_match_reference(shape, dtype):
+    for kwargs in UNROLLED_WINDOWS:
+        for x in (_data(shape, dtype, seed=3), _special_values(shape, dtype, seed=4)):
+            y, indices = max_pool2d(x, return_indices=True, **kwargs)
+            y_ref, indices_ref = ref.max_pool2d(x, return_indices=True, **kwargs)
+            np.testing.assert_array_equal(y, y_ref.astype(dtype), err_msg=str(kwargs))
+            np.testing.assert_array_equal(indices, indices_ref, err_msg=str(kwargs))
+        x = _data(shape, dtype, seed=5)
+        grad_out = _data(y.shape, dtype, seed=6)
+        kernel_size, rest = _avg_backward_args(kwargs)
+        for extra in (dict(), dict(count_include_pad=False), dict(divisor_override=3)):
+            _close(avg_pool2d(x, **kwargs, **extra), ref.avg_pool2d(x, **kwargs, **extra), dtype)
+            grad_x = _on_dirty_memory(
+                lambda: avg_pool2d_backward(grad_out, shape, kernel_size, **rest, **extra),
+                shape, dtype)
+            _close(grad_x, ref.avg_pool2d_backward(grad_out, shape, kernel_size, **rest, **extra),
+                   dtype)
+
+
 def test_output_size_formula_matches_reference_window_count():
     # _pool_geometry implements PyTorch's formula; the reference enumerates windows instead.
     for size in range(1, 10):
@@ -629,8 +678,9 @@ def _pool_configs(draw):
     else:
         kwargs["count_include_pad"] = draw(st.booleans())
         kwargs["divisor_override"] = draw(st.sampled_from([None, None, 1, 3, -2]))
+    # widths up to 80: rows longer than the unrolled path's chunks, see UNROLLED_SHAPES
     shape = (draw(st.integers(0, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 9)),
-             draw(st.integers(1, 9)))
+             draw(st.one_of(st.integers(1, 9), st.integers(10, 80))))
     return kind, shape, kwargs, draw(st.booleans())
 
 
