@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from numba_cnn import functional as F
+from numba_cnn.layers import AvgPool2D, Conv2D, ConvTranspose2D, MaxPool2D
 
 
 def _conv_case(rng, dtype):
@@ -80,6 +81,54 @@ def test_concurrent_python_threads_match_serial_calls(rng):
     assert not any(worker.is_alive() for worker in workers), "a worker thread hung"
     assert not errors, errors
     for got, want in zip(results, expected):
+        _assert_bitwise_equal(got, want)
+
+
+def _layer_stack(seed):
+    """A small network of separate layer instances (their own parameters and saved state)."""
+    rng = np.random.default_rng(seed)
+    return [Conv2D(3, 6, 3, padding=1, rng=rng), MaxPool2D(2), ConvTranspose2D(6, 4, 3, stride=2,
+            padding=1, output_padding=1, rng=rng), AvgPool2D(3, 2, 1)]
+
+
+def _layer_step(layers, x):
+    """Forward through the stack, backward with a fixed gradient; outputs and all gradients."""
+    out = x
+    for layer in layers:
+        out = layer.forward(out)
+    grad = np.cos(np.arange(out.size, dtype=out.dtype)).reshape(out.shape)
+    results = [out]
+    for layer in reversed(layers):
+        grad = layer.backward(grad)
+        results.append(grad)
+        results.extend(getattr(layer, "grads", {}).values())
+    return results
+
+
+def test_separate_layer_instances_in_concurrent_threads_match_serial_runs():
+    inputs = [np.random.default_rng(10 + i).standard_normal((2, 3, 15, 13)).astype(np.float32)
+              for i in range(4)]
+    expected = [_layer_step(_layer_stack(i), inputs[i]) for i in range(4)]
+    results = [None] * 4
+    errors = []
+
+    def work(index):
+        try:
+            layers = _layer_stack(index)  # each thread owns its instances
+            for _ in range(5):
+                results[index] = _layer_step(layers, inputs[index])
+        except Exception as error:  # reported below, a thread cannot fail the test itself
+            errors.append(error)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not any(worker.is_alive() for worker in workers), "a worker thread hung"
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        assert len(got) == len(want)
         _assert_bitwise_equal(got, want)
 
 
