@@ -223,6 +223,35 @@ def test_relu_and_sigmoid(dtype, rng):
     np.testing.assert_array_equal(dout, dout_before)  # the book's Relu.backward writes here
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_relu_kernel_path_is_bitwise_the_books(dtype, rng):
+    # >= 16k elements: Relu runs the Numba kernels (smaller arrays take np.where)
+    from numba_cnn._activations import KERNEL_MIN_SIZE
+    shape = (4, 8, 32, 33)
+    assert np.prod(shape) >= KERNEL_MIN_SIZE
+    x = _normal(rng, shape, dtype)
+    x.reshape(-1)[:6] = [0.0, -0.0, np.nan, np.inf, -np.inf, -1e-30]
+    dout = _normal(rng, shape, dtype)
+    dout.reshape(-1)[6:9] = [np.nan, np.inf, -0.0]
+    for x_in, dout_in in ((x, dout), (_strided(x), _strided(dout))):
+        x_before = x_in.copy()
+        # the book's Relu: mask = (x <= 0); out = x.copy(); out[mask] = 0; dout[mask] = 0
+        mask = x_in <= 0
+        y_ref, dx_ref = x_in.copy(), dout_in.copy()
+        y_ref[mask] = 0
+        dx_ref[mask] = 0
+        ours = compat.Relu()
+        y = ours.forward(x_in)
+        assert y.dtype == dtype and y.shape == shape
+        np.testing.assert_array_equal(ours.mask, mask)
+        assert np.array_equal(np.ascontiguousarray(y).view(np.uint8),
+                              np.ascontiguousarray(y_ref).view(np.uint8))  # NaN, -0.0 too
+        dx = ours.backward(dout_in)
+        assert np.array_equal(np.ascontiguousarray(dx).view(np.uint8),
+                              np.ascontiguousarray(dx_ref).view(np.uint8))
+        np.testing.assert_array_equal(x_in, x_before)
+
+
 def test_affine_with_4d_non_contiguous_input(rng):
     weight, bias = _normal(rng, (60, 7)), _normal(rng, 7)
     ours, ref = compat.Affine(weight, bias), book.Affine(weight, bias)
