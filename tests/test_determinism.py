@@ -60,26 +60,36 @@ def test_results_do_not_depend_on_the_thread_count(rng, dtype):
     _assert_bitwise_equal(single, several)
 
 
-def test_concurrent_python_threads_match_serial_calls(rng):
-    cases = [_conv_case(np.random.default_rng(seed), np.float32) for seed in range(4)]
-    expected = [_conv_results(*case) + _pool_results(case[0]) for case in cases]
-    results = [None] * len(cases)
+def _run_in_threads(make_step, count):
+    """Call ``make_step(index)()`` 5 times in each of ``count`` threads at once; the step is made
+    inside its thread (so per-thread state, such as layer instances, stays there). Returns each
+    thread's last result."""
+    results = [None] * count
     errors = []
 
     def work(index):
         try:
+            step = make_step(index)
             for _ in range(5):
-                results[index] = _conv_results(*cases[index]) + _pool_results(cases[index][0])
+                results[index] = step()
         except Exception as error:  # reported below, a thread cannot fail the test itself
             errors.append(error)
 
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(count)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(timeout=120)
     assert not any(worker.is_alive() for worker in workers), "a worker thread hung"
     assert not errors, errors
+    return results
+
+
+def test_concurrent_python_threads_match_serial_calls(rng):
+    cases = [_conv_case(np.random.default_rng(seed), np.float32) for seed in range(4)]
+    expected = [_conv_results(*case) + _pool_results(case[0]) for case in cases]
+    results = _run_in_threads(
+        lambda i: lambda: _conv_results(*cases[i]) + _pool_results(cases[i][0]), len(cases))
     for got, want in zip(results, expected):
         _assert_bitwise_equal(got, want)
 
@@ -109,24 +119,12 @@ def test_separate_layer_instances_in_concurrent_threads_match_serial_runs():
     inputs = [np.random.default_rng(10 + i).standard_normal((2, 3, 15, 13)).astype(np.float32)
               for i in range(4)]
     expected = [_layer_step(_layer_stack(i), inputs[i]) for i in range(4)]
-    results = [None] * 4
-    errors = []
 
-    def work(index):
-        try:
-            layers = _layer_stack(index)  # each thread owns its instances
-            for _ in range(5):
-                results[index] = _layer_step(layers, inputs[index])
-        except Exception as error:  # reported below, a thread cannot fail the test itself
-            errors.append(error)
+    def make_step(index):
+        layers = _layer_stack(index)  # each thread owns its instances
+        return lambda: _layer_step(layers, inputs[index])
 
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-    assert not any(worker.is_alive() for worker in workers), "a worker thread hung"
-    assert not errors, errors
+    results = _run_in_threads(make_step, 4)
     for got, want in zip(results, expected):
         assert len(got) == len(want)
         _assert_bitwise_equal(got, want)
