@@ -203,6 +203,20 @@ def test_unrolled_windows_match_reference(shape, dtype):
                    dtype)
 
 
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("divisor", [3, 2**24 + 1, -(2**24 + 3)])
+def test_avg_backward_divisor_override_rounds_like_the_general_path(divisor, padding):
+    # The unrolled backward divides float32 gradients in float32 (exact while the divisor is an
+    # integer float32 holds exactly); a larger divisor_override must still give the float64
+    # quotient rounded once, in interior and border windows alike.
+    grad_out = _data((1, 2, 3, 3), np.float32, seed=9)
+    shape = (1, 2, 6 - 2 * padding, 6 - 2 * padding)
+    grad_x = avg_pool2d_backward(grad_out, shape, 2, 2, padding, divisor_override=divisor)
+    expected = ref.avg_pool2d_backward(grad_out.astype(np.float64), shape, 2, 2, padding,
+                                       divisor_override=divisor).astype(np.float32)
+    np.testing.assert_array_equal(grad_x, expected)
+
+
 def test_output_size_formula_matches_reference_window_count():
     # _pool_geometry implements PyTorch's formula; the reference enumerates windows instead.
     for size in range(1, 10):

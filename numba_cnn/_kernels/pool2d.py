@@ -117,6 +117,8 @@ def _spread_tap(grad_input, shares, plane, base, first, stop, stride):
 MAX_FORWARD_LANES = 16
 AVG_FORWARD_LANES = 32
 AVG_BACKWARD_LANES = 16
+# integers up to 2**24 are exact in float32
+_EXACT_FLOAT32_INT = 1 << 24
 
 
 @njit(inline="always")
@@ -296,13 +298,19 @@ def _avg_spread_row_unrolled(grad_out_flat, grad_input_flat, shares, grad_base, 
                              stop, width, kernel, divisor, lanes):
     """Interior windows of one output row, stride == kernel (non-overlapping windows)."""
     zero = grad_input_flat.dtype.type(0)
-    divisor = grad_input_flat.dtype.type(divisor)
-    for column in range(first, stop):
+    if -_EXACT_FLOAT32_INT <= divisor <= _EXACT_FLOAT32_INT:
         # Divided in the gradient's dtype: for float32 the correctly rounded quotient, the same
         # as the general path's float64 quotient rounded to float32 (double rounding is exact
-        # for division when the wider format has > 2 * 24 + 2 bits) at half the cost; zero + q:
-        # the same sign of zero as the general path's 0 += q.
-        shares[np.uint64(column)] = zero + grad_out_flat[np.uint64(out_base + column)] / divisor
+        # for division when the wider format has > 2 * 24 + 2 bits) at half the cost. Only
+        # while the divisor itself is exact in float32. zero + q: the same sign of zero as the
+        # general path's 0 += q.
+        exact_divisor = grad_input_flat.dtype.type(divisor)
+        for column in range(first, stop):
+            shares[np.uint64(column)] = (zero + grad_out_flat[np.uint64(out_base + column)]
+                                         / exact_divisor)
+    else:  # a huge divisor_override: float64 division, as the general path
+        for column in range(first, stop):
+            shares[np.uint64(column)] = zero + grad_out_flat[np.uint64(out_base + column)] / divisor
     start = first
     while start < stop:
         count = min(lanes, stop - first)
@@ -335,6 +343,7 @@ def max_pool2d_forward(x, out, indices, height, width, out_height, out_width, ke
     stride and no window bookkeeping; visiting one window at a time in a generic loop cost ~12x
     more on (32, 64, 56, 56).
     """
+    lanes = max(lanes, 1)  # a chunk of 0 outputs would never advance
     unrolled = _is_unrolled(kernel_h, kernel_w, stride_w, dilation_h, dilation_w)
     column_first, column_stop = _interior_columns(width, out_width, kernel_w, stride_w, pad_w)
     x_flat = x.reshape(-1)
@@ -410,6 +419,7 @@ def avg_pool2d_forward(x, out, height, width, out_height, out_width, kernel_h, k
     for their interior outputs; the general loops visit the taps a whole output row at a time,
     as in ``max_pool2d_forward``. Both add a window's taps in the same (row-major) order.
     """
+    lanes = max(lanes, 1)  # a chunk of 0 outputs would never advance
     unrolled = _is_unrolled(kernel_h, kernel_w, stride_w, 1, 1)
     column_first, column_stop = _interior_columns(width, out_width, kernel_w, stride_w, pad_w)
     # an interior window lies inside the image: both divisors are the window's size
@@ -472,6 +482,7 @@ def avg_pool2d_backward(grad_out, grad_input, height, width, out_height, out_wid
     unrolled path; no position gets two shares); everything else goes row at a time, like the
     forward pass.
     """
+    lanes = max(lanes, 1)  # a chunk of 0 outputs would never advance
     unrolled = (kernel_h == kernel_w and (kernel_h == 2 or kernel_h == 3)
                 and stride_h == kernel_h and stride_w == kernel_w)
     column_first, column_stop = _interior_columns(width, out_width, kernel_w, stride_w, pad_w)
