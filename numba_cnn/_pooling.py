@@ -32,6 +32,7 @@ import numpy as np
 from ._args import (as_float_array, check_at_least, check_ndim, check_shape, check_size, pair,
                     result_dtype)
 from ._kernels import pool2d as _kernels
+from ._threads import threads_for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,6 +65,12 @@ class PoolGeometry(NamedTuple):
     @property
     def planes(self):
         return self.batch * self.channels
+
+    @property
+    def work(self):
+        """Window taps visited plus input elements touched: what ``threads_for`` weighs."""
+        return self.planes * (self.out_height * self.out_width * self.kernel[0] * self.kernel[1]
+                              + self.height * self.width)
 
 
 def _check_flag(value, name, op):
@@ -276,12 +283,13 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     indices = np.empty(geometry.output_shape, dtype=np.int64)
     if geometry.planes:
         x = _kernel_array(x, dtype)
-        _kernels.max_pool2d_forward(
-            _planes(x, geometry.planes), _planes(out, geometry.planes),
-            _planes(indices, geometry.planes), geometry.height, geometry.width,
-            geometry.out_height, geometry.out_width, kernel[0], kernel[1], stride[0], stride[1],
-            padding[0], padding[1], dilation[0], dilation[1],
-            _kernels.MAX_FORWARD_LANES)
+        with threads_for(geometry.work):
+            _kernels.max_pool2d_forward(
+                _planes(x, geometry.planes), _planes(out, geometry.planes),
+                _planes(indices, geometry.planes), geometry.height, geometry.width,
+                geometry.out_height, geometry.out_width, kernel[0], kernel[1], stride[0],
+                stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                _kernels.MAX_FORWARD_LANES)
     if return_indices:
         return out, indices
     return out
@@ -318,9 +326,10 @@ def max_pool2d_backward(grad_out, indices, input_shape):
     if grad_out.size == 0:  # (N, C, 0, OW): nothing flows back
         grad_input[...] = 0
         return grad_input
-    _kernels.max_pool2d_backward(
-        _planes(_kernel_array(grad_out, dtype), planes),
-        _planes(_kernel_array(indices, np.int64), planes), _planes(grad_input, planes))
+    with threads_for(grad_input.size + grad_out.size):
+        _kernels.max_pool2d_backward(
+            _planes(_kernel_array(grad_out, dtype), planes),
+            _planes(_kernel_array(indices, np.int64), planes), _planes(grad_input, planes))
     return grad_input
 
 
@@ -368,10 +377,11 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     dtype = result_dtype(x)
     out = np.empty(geometry.output_shape, dtype=dtype)
     if geometry.planes:
-        _kernels.avg_pool2d_forward(
-            _planes(_kernel_array(x, dtype), geometry.planes), _planes(out, geometry.planes),
-            *_avg_kernel_args(geometry, count_include_pad, divisor_override,
-                              _kernels.AVG_FORWARD_LANES))
+        with threads_for(geometry.work):
+            _kernels.avg_pool2d_forward(
+                _planes(_kernel_array(x, dtype), geometry.planes), _planes(out, geometry.planes),
+                *_avg_kernel_args(geometry, count_include_pad, divisor_override,
+                                  _kernels.AVG_FORWARD_LANES))
     return out
 
 
@@ -400,11 +410,12 @@ def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding
     dtype = result_dtype(grad_out)
     grad_input = np.empty(input_shape, dtype=dtype)
     if geometry.planes:
-        _kernels.avg_pool2d_backward(
-            _planes(_kernel_array(grad_out, dtype), geometry.planes),
-            _planes(grad_input, geometry.planes),
-            *_avg_kernel_args(geometry, count_include_pad, divisor_override,
-                              _kernels.AVG_BACKWARD_LANES))
+        with threads_for(geometry.work):
+            _kernels.avg_pool2d_backward(
+                _planes(_kernel_array(grad_out, dtype), geometry.planes),
+                _planes(grad_input, geometry.planes),
+                *_avg_kernel_args(geometry, count_include_pad, divisor_override,
+                                  _kernels.AVG_BACKWARD_LANES))
     return grad_input
 
 
@@ -432,9 +443,10 @@ def global_avg_pool2d(x):
     out = np.empty(geometry.output_shape, dtype=dtype)
     if geometry.planes:
         # Reuses the average-pooling kernel, so no extra compilation.
-        _kernels.avg_pool2d_forward(
-            _planes(_kernel_array(x, dtype), geometry.planes), _planes(out, geometry.planes),
-            *_avg_kernel_args(geometry, True, None, _kernels.AVG_FORWARD_LANES))
+        with threads_for(geometry.work):
+            _kernels.avg_pool2d_forward(
+                _planes(_kernel_array(x, dtype), geometry.planes), _planes(out, geometry.planes),
+                *_avg_kernel_args(geometry, True, None, _kernels.AVG_FORWARD_LANES))
     return out
 
 
@@ -457,8 +469,9 @@ def global_avg_pool2d_backward(grad_out, input_shape):
     dtype = result_dtype(grad_out)
     grad_input = np.empty(input_shape, dtype=dtype)
     if geometry.planes:
-        _kernels.avg_pool2d_backward(
-            _planes(_kernel_array(grad_out, dtype), geometry.planes),
-            _planes(grad_input, geometry.planes),
-            *_avg_kernel_args(geometry, True, None, _kernels.AVG_BACKWARD_LANES))
+        with threads_for(geometry.work):
+            _kernels.avg_pool2d_backward(
+                _planes(_kernel_array(grad_out, dtype), geometry.planes),
+                _planes(grad_input, geometry.planes),
+                *_avg_kernel_args(geometry, True, None, _kernels.AVG_BACKWARD_LANES))
     return grad_input

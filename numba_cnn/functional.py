@@ -11,6 +11,7 @@ Conventions for every operation (see also the package README):
 import numpy as np
 
 from . import _args
+from ._threads import threads_for
 from ._conv_plan import ForwardPlan, InputGradPlan, aligned_empty
 from ._kernels.conv2d import (correlate, correlate_grad_weight, correlate_rows, ROW_TILE,
                               TAP_TILE)
@@ -36,8 +37,20 @@ def _contiguous(array, dtype):
     return None if array is None else np.ascontiguousarray(array, dtype=dtype)
 
 
+def _conv_work(geometry):
+    """Multiply-adds of one pass (forward, input gradient or weight gradient) of a conv2d."""
+    g = geometry
+    return (g.batch * g.out_channels * g.out_height * g.out_width
+            * (g.in_channels // g.groups) * g.kernel[0] * g.kernel[1])
+
+
 def _conv2d_forward(x, weight, bias, geometry):
     """Forward convolution of validated, contiguous, same-dtype arrays."""
+    with threads_for(_conv_work(geometry)):
+        return _conv2d_forward_kernels(x, weight, bias, geometry)
+
+
+def _conv2d_forward_kernels(x, weight, bias, geometry):
     plan = ForwardPlan.for_geometry(geometry)
     grid = plan.pack_input(x)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
@@ -53,6 +66,11 @@ def _conv2d_forward(x, weight, bias, geometry):
 
 def _conv2d_grad_input(grad_out, weight, geometry):
     """Gradient of the convolution with respect to its input, shape ``geometry.input_shape``."""
+    with threads_for(_conv_work(geometry)):
+        return _conv2d_grad_input_kernels(grad_out, weight, geometry)
+
+
+def _conv2d_grad_input_kernels(grad_out, weight, geometry):
     plan = InputGradPlan.for_geometry(geometry)
     grid = plan.pack_grad_output(grad_out)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
@@ -71,6 +89,11 @@ def _conv2d_grad_input(grad_out, weight, geometry):
 
 def _conv2d_grad_weight(grad_out, x, geometry):
     """Gradient of the convolution with respect to its weight, shape ``geometry.weight_shape``."""
+    with threads_for(_conv_work(geometry)):
+        return _conv2d_grad_weight_kernels(grad_out, x, geometry)
+
+
+def _conv2d_grad_weight_kernels(grad_out, x, geometry):
     plan = ForwardPlan.for_geometry(geometry)
     grid = plan.pack_input(x)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros

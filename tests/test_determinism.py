@@ -10,8 +10,30 @@ import numba
 import numpy as np
 import pytest
 
+from numba_cnn import _threads
 from numba_cnn import functional as F
 from numba_cnn.layers import AvgPool2D, Conv2D, ConvTranspose2D, MaxPool2D
+
+
+@pytest.fixture(autouse=True)
+def _parallel_even_when_small(monkeypatch):
+    """The shapes here are small, which would run on one thread (numba_cnn._threads); these
+    tests are about the parallel kernels, so every call shares the work."""
+    monkeypatch.setattr(_threads, "SERIAL_WORK", 0)
+
+
+def test_small_calls_run_on_one_thread_and_restore_the_setting(monkeypatch):
+    monkeypatch.setattr(_threads, "SERIAL_WORK", 100)
+    threads = numba.get_num_threads()
+    with _threads.threads_for(99):
+        inside = numba.get_num_threads()
+    assert inside == 1 and numba.get_num_threads() == threads
+    with _threads.threads_for(100):
+        assert numba.get_num_threads() == threads
+    with pytest.raises(RuntimeError):
+        with _threads.threads_for(1):
+            raise RuntimeError("inside")
+    assert numba.get_num_threads() == threads
 
 
 def _conv_case(rng, dtype):
