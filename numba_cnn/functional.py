@@ -8,6 +8,8 @@ Conventions for every operation (see also the package README):
   C-contiguous arrays.
 - Bad arguments raise ValueError / TypeError before any kernel runs.
 """
+import functools
+
 import numpy as np
 
 from . import _args
@@ -44,13 +46,18 @@ def _conv_work(geometry):
             * (g.in_channels // g.groups) * g.kernel[0] * g.kernel[1])
 
 
+def _threads_by_geometry(conv_pass):
+    """Run ``conv_pass(..., geometry)`` on as many threads as its work deserves (threads_for)."""
+    @functools.wraps(conv_pass)
+    def run(*arrays_and_geometry):
+        with threads_for(_conv_work(arrays_and_geometry[-1])):
+            return conv_pass(*arrays_and_geometry)
+    return run
+
+
+@_threads_by_geometry
 def _conv2d_forward(x, weight, bias, geometry):
     """Forward convolution of validated, contiguous, same-dtype arrays."""
-    with threads_for(_conv_work(geometry)):
-        return _conv2d_forward_kernels(x, weight, bias, geometry)
-
-
-def _conv2d_forward_kernels(x, weight, bias, geometry):
     plan = ForwardPlan.for_geometry(geometry)
     grid = plan.pack_input(x)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
@@ -64,13 +71,9 @@ def _conv2d_forward_kernels(x, weight, bias, geometry):
     return y
 
 
+@_threads_by_geometry
 def _conv2d_grad_input(grad_out, weight, geometry):
     """Gradient of the convolution with respect to its input, shape ``geometry.input_shape``."""
-    with threads_for(_conv_work(geometry)):
-        return _conv2d_grad_input_kernels(grad_out, weight, geometry)
-
-
-def _conv2d_grad_input_kernels(grad_out, weight, geometry):
     plan = InputGradPlan.for_geometry(geometry)
     grid = plan.pack_grad_output(grad_out)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
@@ -87,13 +90,9 @@ def _conv2d_grad_input_kernels(grad_out, weight, geometry):
     return grad_x
 
 
+@_threads_by_geometry
 def _conv2d_grad_weight(grad_out, x, geometry):
     """Gradient of the convolution with respect to its weight, shape ``geometry.weight_shape``."""
-    with threads_for(_conv_work(geometry)):
-        return _conv2d_grad_weight_kernels(grad_out, x, geometry)
-
-
-def _conv2d_grad_weight_kernels(grad_out, x, geometry):
     plan = ForwardPlan.for_geometry(geometry)
     grid = plan.pack_input(x)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
