@@ -349,6 +349,32 @@ def _avg_kernel_args(geometry, count_include_pad, divisor_override, lanes):
             0 if divisor_override is None else int(divisor_override), lanes)
 
 
+def _run_avg_forward(x, dtype, geometry, count_include_pad, divisor_override):
+    """Allocate the output and run the average-pooling kernel (also global pooling's)."""
+    out = np.empty(geometry.output_shape, dtype=dtype)
+    if geometry.planes:
+        with threads_for(geometry.work):
+            _kernels.avg_pool2d_forward(
+                _planes(_kernel_array(x, dtype), geometry.planes), _planes(out, geometry.planes),
+                *_avg_kernel_args(geometry, count_include_pad, divisor_override,
+                                  _kernels.AVG_FORWARD_LANES))
+    return out
+
+
+def _run_avg_backward(grad_out, geometry, count_include_pad, divisor_override):
+    """Allocate grad_x and run the average-pooling backward kernel (also global pooling's)."""
+    dtype = result_dtype(grad_out)
+    grad_input = np.empty(geometry.input_shape, dtype=dtype)
+    if geometry.planes:
+        with threads_for(geometry.work):
+            _kernels.avg_pool2d_backward(
+                _planes(_kernel_array(grad_out, dtype), geometry.planes),
+                _planes(grad_input, geometry.planes),
+                *_avg_kernel_args(geometry, count_include_pad, divisor_override,
+                                  _kernels.AVG_BACKWARD_LANES))
+    return grad_input
+
+
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                divisor_override=None):
     """2-D average pooling over NCHW input, as ``torch.nn.functional.avg_pool2d``.
@@ -374,15 +400,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
                                     divisor_override, op)
     x = _check_input_array(x, op)
     geometry = _pool_geometry(x.shape, kernel, stride, padding, dilation, ceil_mode, op)
-    dtype = result_dtype(x)
-    out = np.empty(geometry.output_shape, dtype=dtype)
-    if geometry.planes:
-        with threads_for(geometry.work):
-            _kernels.avg_pool2d_forward(
-                _planes(_kernel_array(x, dtype), geometry.planes), _planes(out, geometry.planes),
-                *_avg_kernel_args(geometry, count_include_pad, divisor_override,
-                                  _kernels.AVG_FORWARD_LANES))
-    return out
+    return _run_avg_forward(x, result_dtype(x), geometry, count_include_pad, divisor_override)
 
 
 def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding=0,
@@ -407,16 +425,7 @@ def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding
     geometry = _pool_geometry(input_shape, kernel, stride, padding, dilation, ceil_mode, op)
     grad_out = _check_grad_out(grad_out, geometry.output_shape, op)
     check_size(input_shape, "grad_x", op)
-    dtype = result_dtype(grad_out)
-    grad_input = np.empty(input_shape, dtype=dtype)
-    if geometry.planes:
-        with threads_for(geometry.work):
-            _kernels.avg_pool2d_backward(
-                _planes(_kernel_array(grad_out, dtype), geometry.planes),
-                _planes(grad_input, geometry.planes),
-                *_avg_kernel_args(geometry, count_include_pad, divisor_override,
-                                  _kernels.AVG_BACKWARD_LANES))
-    return grad_input
+    return _run_avg_backward(grad_out, geometry, count_include_pad, divisor_override)
 
 
 def _global_geometry(input_shape):
@@ -439,15 +448,8 @@ def global_avg_pool2d(x):
     op = "global_avg_pool2d"
     x = _check_input_array(x, op)
     geometry = _global_geometry(x.shape)
-    dtype = result_dtype(x)
-    out = np.empty(geometry.output_shape, dtype=dtype)
-    if geometry.planes:
-        # Reuses the average-pooling kernel, so no extra compilation.
-        with threads_for(geometry.work):
-            _kernels.avg_pool2d_forward(
-                _planes(_kernel_array(x, dtype), geometry.planes), _planes(out, geometry.planes),
-                *_avg_kernel_args(geometry, True, None, _kernels.AVG_FORWARD_LANES))
-    return out
+    # Reuses the average-pooling kernel, so no extra compilation.
+    return _run_avg_forward(x, result_dtype(x), geometry, True, None)
 
 
 def global_avg_pool2d_backward(grad_out, input_shape):
@@ -466,12 +468,4 @@ def global_avg_pool2d_backward(grad_out, input_shape):
     geometry = _global_geometry(input_shape)
     grad_out = _check_grad_out(grad_out, geometry.output_shape, op)
     check_size(input_shape, "grad_x", op)
-    dtype = result_dtype(grad_out)
-    grad_input = np.empty(input_shape, dtype=dtype)
-    if geometry.planes:
-        with threads_for(geometry.work):
-            _kernels.avg_pool2d_backward(
-                _planes(_kernel_array(grad_out, dtype), geometry.planes),
-                _planes(grad_input, geometry.planes),
-                *_avg_kernel_args(geometry, True, None, _kernels.AVG_BACKWARD_LANES))
-    return grad_input
+    return _run_avg_backward(grad_out, geometry, True, None)
