@@ -9,10 +9,10 @@ convolution) is reduced to one primitive, a multi-tap correlation over flat rows
 so that a tap ``(c, kh, kw)`` is just a constant ``offset`` into the flat array and the pixel index
 ``p`` runs contiguously through whole rows of the output grid. Output positions in the grid's
 spare columns are computed too and discarded by the unpacking step: a few percent of extra work
-buys unit-stride, bounds-free inner loops that LLVM vectorises over ``p`` (one zmm register =
-16 float32 pixels). A register tile of ``ROW_TILE`` output rows x ``TAP_TILE`` taps keeps its 16
-weights in registers for a whole block of pixels; per vector of pixels it loads 4 inputs and 4
-partial sums and issues 16 FMAs.
+buys unit-stride, bounds-free vector loads (one zmm register = 16 float32 pixels). The
+correlation runs ``register_tile``'s micro-kernel: ROW_TILE output rows x up to 6 vectors of
+pixels, accumulated in registers over all taps (per tap: 6 input loads, 4 weight broadcasts,
+24 FMAs); the sum over taps runs in tap order, one FMA per term.
 
 The weight gradient is the matching reduction over all pixels of all images:
 
@@ -21,160 +21,109 @@ The weight gradient is the matching reduction over all pixels of all images:
 with ``grad`` zero outside valid output positions, so the spare grid columns contribute nothing.
 
 Conventions shared by the kernels (established by ``numba_cnn._conv_plan``):
-- ``offsets`` is ``(groups, K)`` int64 with ``K`` a multiple of ``TAP_TILE``; padding taps point at
+- ``offsets`` is ``(groups, K)`` int64 with ``K`` a multiple of ``TAP_TILE`` (the weight
+  gradient's tile); padding taps point at
   a zero region of ``src`` and carry zero weights, so they add exact zeros.
 - ``weight`` is ``(R, K)`` with ``R`` a multiple of ``ROW_TILE`` and ``R // groups`` rows per group.
 - Kernels never validate; indices are unsigned so Numba emits no negative-index wraparound code
   (which stops vectorisation).
 """
 import numpy as np
-from numba import prange
+from numba import njit, prange
+from numba.core import config
 
 from . import cached_njit
+from .register_tile import ROWS as ROW_TILE
+from .register_tile import VECTOR_BYTES, VECTORS, run_tile_1_row, run_tile_4_rows
 
-ROW_TILE = 4
 TAP_TILE = 4
-# Pixels processed per pass over the taps (measured best of 512-8192 on res28/res56): 4 output
-# rows and 4 input rows of this length stay in L1/L2 (4 * 2 * 2048 * 4 bytes = 64 KiB in float32).
+# Pixels per block of the weight-gradient reduction (measured best of 512-8192 on res28/res56):
+# 4 gradient rows and 4 input rows of this length stay in L1/L2 (64 KiB in float32).
 PIXEL_BLOCK = 2048
 
-# "contract" only: FMAs without assuming away NaN or inf.
-_FORWARD_MATH = {"contract"}
-# The weight-gradient reduction also needs "reassoc" to be vectorised over pixels.
+# The IR tiles do not index through Numba, so NUMBA_BOUNDSCHECK checks their ranges per call.
+CHECK_BOUNDS = bool(config.BOUNDSCHECK)
+# The weight-gradient reduction: "contract" for FMAs (no nnan/ninf: NaN and inf must propagate)
+# and "reassoc", without which LLVM does not vectorise a reduction over pixels.
 _REDUCE_MATH = {"contract", "reassoc"}
 
 
-@cached_njit(parallel=True, fastmath=_FORWARD_MATH)
+@cached_njit(parallel=True)
 def correlate(src, src_image_stride, offsets, weight, out):
-    """Accumulate the multi-tap correlation into ``out``.
+    """Set ``out`` to the multi-tap correlation, ROW_TILE rows per task.
 
     src : 1-D, the packed input (see module docstring), with a zero region for padding taps.
     src_image_stride : elements between consecutive images in ``src``.
-    offsets : (G, K) int64; weight : (R, K); out : (R, N, L), overwritten (zeroed block by
-    block inside the task, which saves a separate zero-filling pass over memory).
-    All ``L`` positions of every output row are computed.
+    offsets : (G, K) int64; weight : (R, K); out : (R, N, L), C-contiguous, overwritten; ``L`` a
+    multiple of the vector length (16 float32). All ``L`` positions of every output row are
+    computed, a register tile (``register_tile``) at a time: ROW_TILE rows x up to VECTORS
+    vectors of pixels, reduced over all K taps in registers.
     """
     rows, batch, length = out.shape
     taps = weight.shape[1]
     rows_per_group = rows // offsets.shape[0]
     row_tiles = rows // ROW_TILE
     out_flat = out.reshape(-1)
-    zero = out.dtype.type(0)
+    offsets_flat = offsets.reshape(-1)
+    weight_flat = weight.reshape(-1)
+    lanes = VECTOR_BYTES // src.itemsize
+    if CHECK_BOUNDS:
+        _check_reads(src, src_image_stride, offsets, batch, length)
     for task in prange(batch * row_tiles):
         task_index = np.int64(task)
         n = task_index // row_tiles
         r0 = (task_index - n * row_tiles) * ROW_TILE
         group = r0 // rows_per_group
-        src_base = n * src_image_stride
-        out0 = np.uint64(((r0 + 0) * batch + n) * length)
-        out1 = np.uint64(((r0 + 1) * batch + n) * length)
-        out2 = np.uint64(((r0 + 2) * batch + n) * length)
-        out3 = np.uint64(((r0 + 3) * batch + n) * length)
-        for block_start in range(0, length, PIXEL_BLOCK):
-            block_end = min(block_start + PIXEL_BLOCK, length)
-            # zero the block here, where it is about to be used (in cache), rather than
-            # zero-filling the whole output beforehand
-            for pixel in range(block_start, block_end):
-                p = np.uint64(pixel)
-                out_flat[out0 + p] = zero
-                out_flat[out1 + p] = zero
-                out_flat[out2 + p] = zero
-                out_flat[out3 + p] = zero
-            for k0 in range(0, taps, TAP_TILE):
-                s0 = np.uint64(src_base + offsets[group, k0 + 0])
-                s1 = np.uint64(src_base + offsets[group, k0 + 1])
-                s2 = np.uint64(src_base + offsets[group, k0 + 2])
-                s3 = np.uint64(src_base + offsets[group, k0 + 3])
-                w00 = weight[r0 + 0, k0 + 0]
-                w01 = weight[r0 + 0, k0 + 1]
-                w02 = weight[r0 + 0, k0 + 2]
-                w03 = weight[r0 + 0, k0 + 3]
-                w10 = weight[r0 + 1, k0 + 0]
-                w11 = weight[r0 + 1, k0 + 1]
-                w12 = weight[r0 + 1, k0 + 2]
-                w13 = weight[r0 + 1, k0 + 3]
-                w20 = weight[r0 + 2, k0 + 0]
-                w21 = weight[r0 + 2, k0 + 1]
-                w22 = weight[r0 + 2, k0 + 2]
-                w23 = weight[r0 + 2, k0 + 3]
-                w30 = weight[r0 + 3, k0 + 0]
-                w31 = weight[r0 + 3, k0 + 1]
-                w32 = weight[r0 + 3, k0 + 2]
-                w33 = weight[r0 + 3, k0 + 3]
-                for pixel in range(block_start, block_end):
-                    p = np.uint64(pixel)
-                    x0 = src[s0 + p]
-                    x1 = src[s1 + p]
-                    x2 = src[s2 + p]
-                    x3 = src[s3 + p]
-                    acc = out_flat[out0 + p]
-                    acc += x0 * w00
-                    acc += x1 * w01
-                    acc += x2 * w02
-                    acc += x3 * w03
-                    out_flat[out0 + p] = acc
-                    acc = out_flat[out1 + p]
-                    acc += x0 * w10
-                    acc += x1 * w11
-                    acc += x2 * w12
-                    acc += x3 * w13
-                    out_flat[out1 + p] = acc
-                    acc = out_flat[out2 + p]
-                    acc += x0 * w20
-                    acc += x1 * w21
-                    acc += x2 * w22
-                    acc += x3 * w23
-                    out_flat[out2 + p] = acc
-                    acc = out_flat[out3 + p]
-                    acc += x0 * w30
-                    acc += x1 * w31
-                    acc += x2 * w32
-                    acc += x3 * w33
-                    out_flat[out3 + p] = acc
+        group_offsets = offsets_flat[group * taps:(group + 1) * taps]
+        src_start = n * src_image_stride
+        out_start = (r0 * batch + n) * length
+        for pixel in range(0, length, VECTORS * lanes):
+            vectors = min(VECTORS * lanes, length - pixel) // lanes
+            run_tile_4_rows(vectors, src, src_start + pixel, group_offsets, weight_flat,
+                            r0 * taps, taps, out_flat, out_start + pixel, batch * length)
 
 
-@cached_njit(parallel=True, fastmath=_FORWARD_MATH)
+@cached_njit(parallel=True)
 def correlate_rows(src, src_image_stride, offsets, weight, out):
-    """``correlate`` for outputs with fewer than ROW_TILE rows per group, one row at a time.
+    """``correlate`` for outputs with fewer than ROW_TILE rows per group, one row per task.
 
     Padding such groups to 4 rows (a single-channel input gradient, a depthwise convolution)
     would do 4x the work; one row per task does the useful work only, at a lower FMA rate
-    (4 input loads and a partial-sum load and store per 4 FMAs). Same arguments as
-    ``correlate``; any number of rows.
+    (a vector load per FMA). Same arguments as ``correlate``; any number of rows.
     """
     rows, batch, length = out.shape
     taps = weight.shape[1]
     rows_per_group = rows // offsets.shape[0]
     out_flat = out.reshape(-1)
-    zero = out.dtype.type(0)
+    offsets_flat = offsets.reshape(-1)
+    weight_flat = weight.reshape(-1)
+    lanes = VECTOR_BYTES // src.itemsize
+    if CHECK_BOUNDS:
+        _check_reads(src, src_image_stride, offsets, batch, length)
     for task in prange(batch * rows):
         task_index = np.int64(task)
         n = task_index // rows
         row = task_index - n * rows
         group = row // rows_per_group
-        src_base = n * src_image_stride
-        out0 = np.uint64((row * batch + n) * length)
-        for block_start in range(0, length, PIXEL_BLOCK):
-            block_end = min(block_start + PIXEL_BLOCK, length)
-            for pixel in range(block_start, block_end):
-                out_flat[out0 + np.uint64(pixel)] = zero
-            for k0 in range(0, taps, TAP_TILE):
-                s0 = np.uint64(src_base + offsets[group, k0 + 0])
-                s1 = np.uint64(src_base + offsets[group, k0 + 1])
-                s2 = np.uint64(src_base + offsets[group, k0 + 2])
-                s3 = np.uint64(src_base + offsets[group, k0 + 3])
-                w0 = weight[row, k0 + 0]
-                w1 = weight[row, k0 + 1]
-                w2 = weight[row, k0 + 2]
-                w3 = weight[row, k0 + 3]
-                for pixel in range(block_start, block_end):
-                    p = np.uint64(pixel)
-                    acc = out_flat[out0 + p]
-                    acc += src[s0 + p] * w0
-                    acc += src[s1 + p] * w1
-                    acc += src[s2 + p] * w2
-                    acc += src[s3 + p] * w3
-                    out_flat[out0 + p] = acc
+        group_offsets = offsets_flat[group * taps:(group + 1) * taps]
+        src_start = n * src_image_stride
+        out_start = (row * batch + n) * length
+        for pixel in range(0, length, VECTORS * lanes):
+            vectors = min(VECTORS * lanes, length - pixel) // lanes
+            run_tile_1_row(vectors, src, src_start + pixel, group_offsets, weight_flat,
+                           row * taps, taps, out_flat, out_start + pixel, batch * length)
+
+
+@njit
+def _check_reads(src, src_image_stride, offsets, batch, length):
+    """Under NUMBA_BOUNDSCHECK: fail loudly if a register tile would read outside ``src`` (the
+    IR tiles index raw pointers, which Numba's bounds checking does not see)."""
+    lanes = VECTOR_BYTES // src.itemsize
+    if length % lanes != 0:
+        raise IndexError("correlate: output rows are not whole vectors")
+    last_read = (batch - 1) * src_image_stride + offsets.max() + length
+    if offsets.min() < 0 or last_read > src.shape[0]:
+        raise IndexError("correlate: a tap reads outside the packed input")
 
 
 @cached_njit(parallel=True, fastmath=_REDUCE_MATH)

@@ -1,0 +1,79 @@
+"""The correlation kernels (``_kernels/conv2d.py``) and their IR register tiles, against the
+formula in NumPy, on every tile width and remainder; plus the NUMBA_BOUNDSCHECK range check.
+
+The convolution tests reach these kernels through the plans; here the arguments are drawn
+directly, so every tile width (1..VECTORS vectors) and both row counts run on random taps.
+"""
+import numpy as np
+import pytest
+
+from numba_cnn._kernels.conv2d import _check_reads, correlate, correlate_rows
+from numba_cnn._kernels.register_tile import VECTOR_BYTES, VECTORS
+
+
+def correlation_by_formula(src, src_image_stride, offsets, weight, out_shape):
+    """out[r, n, p] = sum_k src[n * stride + offsets[group(r), k] + p] * weight[r, k], float64."""
+    rows, batch, length = out_shape
+    rows_per_group = rows // offsets.shape[0]
+    out = np.zeros(out_shape)
+    for r in range(rows):
+        for n in range(batch):
+            for k, offset in enumerate(offsets[r // rows_per_group]):
+                start = n * src_image_stride + offset
+                out[r, n] += src[start:start + length].astype(np.float64) * weight[r, k]
+    return out
+
+
+def random_correlation(rng, dtype, rows, groups, vectors):
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    batch, taps, length = 2, 8, vectors * lanes
+    image_stride = 3 * length + 5
+    src = rng.standard_normal(batch * image_stride + 2 * length).astype(dtype)
+    offsets = rng.integers(0, image_stride, size=(groups, taps)).astype(np.int64)
+    weight = rng.standard_normal((rows, taps)).astype(dtype)
+    return src, image_stride, offsets, weight, (rows, batch, length)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vectors", range(1, 2 * VECTORS + 2))
+@pytest.mark.parametrize("kernel, rows, groups", [(correlate, 8, 2), (correlate_rows, 3, 3)],
+                         ids=["4_rows", "1_row"])
+def test_correlation_kernels_match_formula(kernel, rows, groups, vectors, dtype, rng):
+    src, image_stride, offsets, weight, out_shape = random_correlation(
+        rng, dtype, rows, groups, vectors)
+    out = np.full(out_shape, np.nan, dtype=dtype)  # every position must be written
+    kernel(src, image_stride, offsets, weight, out)
+    expected = correlation_by_formula(src, image_stride, offsets, weight, out_shape)
+    np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tile_sums_taps_in_order_with_one_fma_each(dtype, rng):
+    """The tile's documented rounding: out = fma(x_k, w_k, out) for k = 0, 1, ... from zero."""
+    src, image_stride, offsets, weight, out_shape = random_correlation(rng, dtype, 4, 1, 2)
+    out = np.empty(out_shape, dtype=dtype)
+    correlate(src, image_stride, offsets, weight, out)
+    expected = np.zeros(out_shape[2], dtype=np.float64)
+    for k, offset in enumerate(offsets[0]):
+        # an FMA rounds once: exact product + sum, rounded to dtype (float64 products of float32
+        # are exact; for float64 the check is only as tight as this emulation)
+        expected = (expected + src[offset:offset + out_shape[2]].astype(np.float64)
+                    * weight[0, k]).astype(dtype).astype(np.float64)
+    if dtype == np.float32:
+        np.testing.assert_array_equal(out[0, 0], expected.astype(dtype))
+    else:
+        np.testing.assert_allclose(out[0, 0], expected, rtol=1e-14)
+
+
+def test_range_check_catches_reads_past_the_input(rng):
+    src, image_stride, offsets, weight, out_shape = random_correlation(
+        rng, np.float32, 4, 1, 1)
+    _, batch, length = out_shape
+    _check_reads(src, image_stride, offsets, batch, length)  # in range: silent
+    offsets[0, 3] = src.shape[0] - length + 1
+    with pytest.raises(IndexError, match="outside the packed input"):
+        _check_reads(src, image_stride, offsets, batch, length)
+    offsets[0, 3] = -1
+    with pytest.raises(IndexError, match="outside the packed input"):
+        _check_reads(src, image_stride, offsets, batch, length)
