@@ -77,25 +77,25 @@ def pad_offsets(offsets, zero_offset):
     return padded
 
 
-def pad_columns(matrix, columns):
-    """``matrix`` (R, K) padded with zero columns to (R, columns), C-contiguous."""
-    padded = np.zeros((matrix.shape[0], columns), dtype=matrix.dtype)
-    padded[:, :matrix.shape[1]] = matrix
-    return padded
-
-
 def padded_rows(rows):
     """Rows per group as the correlation kernels see them: a multiple of ROW_TILE, except
     below ROW_TILE, where ``correlate_rows`` takes them as they are."""
     return rows if rows < ROW_TILE else round_up(rows, ROW_TILE)
 
 
-def group_rows(matrix, groups, rows_padded):
-    """(groups * rows, K) -> (groups * rows_padded, K), zero rows appended in each group."""
-    rows = matrix.shape[0] // groups
-    out = np.zeros((groups, rows_padded, matrix.shape[1]), dtype=matrix.dtype)
-    out[:, :rows] = matrix.reshape(groups, rows, -1)
-    return out.reshape(groups * rows_padded, -1)
+def grouped_matrix(groups, rows, rows_padded, columns, columns_padded, dtype):
+    """A zeroed (groups * rows_padded, columns_padded) matrix and a view of its used block,
+    shaped (groups, rows, columns): the caller fills the view in one copy, and the padding
+    rows and columns stay zero (zero weights on padding taps, zero padding outputs)."""
+    matrix = np.zeros((groups, rows_padded, columns_padded), dtype=dtype)
+    return matrix.reshape(groups * rows_padded, columns_padded), matrix[:, :rows, :columns]
+
+
+def as_slice(indices):
+    """An arithmetic progression of indices as a slice (a view instead of a fancy-index copy)."""
+    step = indices[1] - indices[0] if len(indices) > 1 else 1
+    assert list(range(indices[0], indices[-1] + 1, step)) == list(indices)
+    return slice(indices[0], indices[-1] + 1, step)
 
 
 class ForwardPlan:
@@ -148,8 +148,13 @@ class ForwardPlan:
     def weight_matrix(self, weight):
         """The (G * filters_padded, Kp) weight matrix of ``weight`` matching ``offsets``."""
         g = self.geometry
-        matrix = group_rows(weight.reshape(g.out_channels, -1), g.groups, self.filters_padded)
-        return pad_columns(matrix, self.offsets.shape[1])
+        taps = weight[0].size
+        if self.filters_padded == self.filters_per_group and self.offsets.shape[1] == taps:
+            return weight.reshape(g.out_channels, taps)  # no padding: the weight itself
+        matrix, used = grouped_matrix(g.groups, self.filters_per_group, self.filters_padded,
+                                      taps, self.offsets.shape[1], weight.dtype)
+        used[...] = weight.reshape(g.groups, self.filters_per_group, taps)
+        return matrix
 
     def pack_grad_output(self, grad_out):
         """grad_out (N, F, OH, OW) -> (G * filters_padded, N * image_len), zero off the outputs."""
@@ -236,9 +241,14 @@ class InputGradPlan:
         """The (G * channels_padded, columns) matrix of one phase: rows are input channels,
         columns (filter, kh, kw) in the order of that phase's offsets."""
         g = self.geometry
-        # weight (F, Cg, KH, KW) -> (G, Cg, Fg, KH, KW)
+        # weight (F, Cg, KH, KW) -> (G, Cg, Fg, KH, KW), the phase's taps selected by slices:
+        # one strided copy (fancy indexing made two, costing 30% of res14's input gradient)
         per_group = weight.reshape(g.groups, self.filters_per_group, self.channels_per_group,
                                    *g.kernel).transpose(0, 2, 1, 3, 4)
-        matrix = per_group[:, :, :, taps_h][:, :, :, :, taps_w]
-        matrix = group_rows(matrix.reshape(g.in_channels, -1), g.groups, self.channels_padded)
-        return pad_columns(matrix, columns)
+        selected = per_group[:, :, :, as_slice(taps_h), as_slice(taps_w)]
+        matrix, used = grouped_matrix(g.groups, self.channels_per_group, self.channels_padded,
+                                      selected[0, 0].size, columns, weight.dtype)
+        target = used.reshape(selected.shape)  # splits the contiguous last axis: a view
+        assert np.may_share_memory(target, matrix)
+        target[...] = selected
+        return matrix
