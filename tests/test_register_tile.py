@@ -7,7 +7,8 @@ directly, so every tile width (1..VECTORS vectors) and both row counts run on ra
 import numpy as np
 import pytest
 
-from numba_cnn._kernels.conv2d import _check_reads, correlate, correlate_rows
+from numba_cnn._kernels.conv2d import (PIXEL_BLOCK, _check_reads, correlate,
+                                       correlate_grad_weight, correlate_rows)
 from numba_cnn._kernels.register_tile import VECTOR_BYTES, VECTORS
 
 
@@ -70,10 +71,28 @@ def test_range_check_catches_reads_past_the_input(rng):
     src, image_stride, offsets, weight, out_shape = random_correlation(
         rng, np.float32, 4, 1, 1)
     _, batch, length = out_shape
-    _check_reads(src, image_stride, offsets, batch, length)  # in range: silent
-    offsets[0, 3] = src.shape[0] - length + 1
+    last_start = (batch - 1) * image_stride
+    _check_reads(src, offsets, last_start, length)  # in range: silent
+    offsets[0, 3] = src.shape[0] - last_start - length + 1
     with pytest.raises(IndexError, match="outside the packed input"):
-        _check_reads(src, image_stride, offsets, batch, length)
+        _check_reads(src, offsets, last_start, length)
     offsets[0, 3] = -1
     with pytest.raises(IndexError, match="outside the packed input"):
-        _check_reads(src, image_stride, offsets, batch, length)
+        _check_reads(src, offsets, last_start, length)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("taps", [4, 8, 12, 20])  # tiles of 6 taps and the 2- and 4-tap rests
+@pytest.mark.parametrize("length", [16, 37, PIXEL_BLOCK + 23])  # pixels after the last vector
+@pytest.mark.parametrize("tap_splits", [1, 3])
+def test_grad_weight_kernel_matches_formula(taps, length, tap_splits, dtype, rng):
+    rows, groups = 8, 2
+    src = rng.standard_normal(3 * length + 64).astype(dtype)
+    offsets = rng.integers(0, 2 * length, size=(groups, taps)).astype(np.int64)
+    grad = rng.standard_normal((rows, length)).astype(dtype)
+    grad_weight = np.full((rows, taps), np.nan, dtype=dtype)  # every entry must be written
+    correlate_grad_weight(src, offsets, grad, grad_weight, tap_splits)
+    expected = np.array([[grad[r].astype(np.float64) @ src[offset:offset + length]
+                          for offset in offsets[r // (rows // groups)]] for r in range(rows)])
+    np.testing.assert_allclose(grad_weight, expected, rtol=1e-4 if dtype == np.float32 else 1e-11,
+                               atol=1e-3 if dtype == np.float32 else 1e-11)

@@ -34,18 +34,17 @@ from numba.core import config
 
 from . import cached_njit
 from .register_tile import ROWS as ROW_TILE
-from .register_tile import VECTOR_BYTES, VECTORS, run_tile_1_row, run_tile_4_rows
+from .register_tile import (REDUCE_TAPS, VECTOR_BYTES, VECTORS, run_reduce_tile_4_rows,
+                            run_tile_1_row, run_tile_4_rows)
 
 TAP_TILE = 4
-# Pixels per block of the weight-gradient reduction (measured best of 512-8192 on res28/res56):
-# 4 gradient rows and 4 input rows of this length stay in L1/L2 (64 KiB in float32).
+# Pixels per block of the weight-gradient reduction (best of 256-4096 on res56/28/14, mnist1/2):
+# the block's gradient rows stay in cache across the tap tiles; smaller blocks pay the tiles'
+# lane sums and setup more often.
 PIXEL_BLOCK = 2048
 
 # The IR tiles do not index through Numba, so NUMBA_BOUNDSCHECK checks their ranges per call.
 CHECK_BOUNDS = bool(config.BOUNDSCHECK)
-# The weight-gradient reduction: "contract" for FMAs (no nnan/ninf: NaN and inf must propagate)
-# and "reassoc", without which LLVM does not vectorise a reduction over pixels.
-_REDUCE_MATH = {"contract", "reassoc"}
 
 
 @cached_njit(parallel=True)
@@ -68,7 +67,7 @@ def correlate(src, src_image_stride, offsets, weight, out):
     weight_flat = weight.reshape(-1)
     lanes = VECTOR_BYTES // src.itemsize
     if CHECK_BOUNDS:
-        _check_reads(src, src_image_stride, offsets, batch, length)
+        _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
     for task in prange(batch * row_tiles):
         task_index = np.int64(task)
         n = task_index // row_tiles
@@ -99,7 +98,7 @@ def correlate_rows(src, src_image_stride, offsets, weight, out):
     weight_flat = weight.reshape(-1)
     lanes = VECTOR_BYTES // src.itemsize
     if CHECK_BOUNDS:
-        _check_reads(src, src_image_stride, offsets, batch, length)
+        _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
     for task in prange(batch * rows):
         task_index = np.int64(task)
         n = task_index // rows
@@ -115,27 +114,26 @@ def correlate_rows(src, src_image_stride, offsets, weight, out):
 
 
 @njit
-def _check_reads(src, src_image_stride, offsets, batch, length):
+def _check_reads(src, offsets, last_start, length):
     """Under NUMBA_BOUNDSCHECK: fail loudly if a register tile would read outside ``src`` (the
-    IR tiles index raw pointers, which Numba's bounds checking does not see)."""
-    lanes = VECTOR_BYTES // src.itemsize
-    if length % lanes != 0:
-        raise IndexError("correlate: output rows are not whole vectors")
-    last_read = (batch - 1) * src_image_stride + offsets.max() + length
-    if offsets.min() < 0 or last_read > src.shape[0]:
+    IR tiles index raw pointers, which Numba's bounds checking does not see). The tiles read
+    ``src[start + offsets[k] + p]`` for ``0 <= start <= last_start``, ``p < length``."""
+    if offsets.min() < 0 or last_start + offsets.max() + length > src.shape[0]:
         raise IndexError("correlate: a tap reads outside the packed input")
 
 
-@cached_njit(parallel=True, fastmath=_REDUCE_MATH)
+@cached_njit(parallel=True)
 def correlate_grad_weight(src, offsets, grad, grad_weight, tap_splits):
     """Set ``grad_weight[r, k] = sum_q grad[r, q] * src[offsets[group(r), k] + q]``.
 
     src : 1-D packed input; offsets : (G, K) int64; grad : (R, Q), zero at positions that are not
     valid outputs; grad_weight : (R, K), overwritten.
     A task owns 4 rows of ``grad_weight`` and one of ``tap_splits`` ranges of its taps (disjoint,
-    so no races). It walks the pixels in blocks: the block of 4 gradient rows stays in L1 while
-    every tap tile of the range is reduced against it. The summation order is fixed by the block
-    structure alone, so the result does not depend on the number of threads.
+    so no races). It walks the pixels in blocks of PIXEL_BLOCK: the block of 4 gradient rows
+    stays in cache while every tile of 6 taps of the range is reduced against it in registers
+    (``register_tile``: 24 vector accumulators, summed across lanes at the end of the block);
+    pixels after the last whole vector are added one by one. The summation order is fixed by
+    the block structure alone, so the result does not depend on the number of threads.
     """
     rows, length = grad.shape
     taps = grad_weight.shape[1]
@@ -144,84 +142,33 @@ def correlate_grad_weight(src, offsets, grad, grad_weight, tap_splits):
     tap_tiles = taps // TAP_TILE
     tiles_per_split = (tap_tiles + tap_splits - 1) // tap_splits
     grad_flat = grad.reshape(-1)
+    grad_weight_flat = grad_weight.reshape(-1)
+    offsets_flat = offsets.reshape(-1)
+    lanes = VECTOR_BYTES // src.itemsize
     zero = grad_weight.dtype.type(0)
+    if CHECK_BOUNDS:
+        _check_reads(src, offsets, 0, length)
     for task in prange(row_tiles * tap_splits):
         task_index = np.int64(task)
         r0 = (task_index // tap_splits) * ROW_TILE
         split = task_index - (task_index // tap_splits) * tap_splits
-        first_tile = split * tiles_per_split
-        last_tile = min(first_tile + tiles_per_split, tap_tiles)
-        group = r0 // rows_per_group
-        g0 = np.uint64((r0 + 0) * length)
-        g1 = np.uint64((r0 + 1) * length)
-        g2 = np.uint64((r0 + 2) * length)
-        g3 = np.uint64((r0 + 3) * length)
-        for r in range(ROW_TILE):
-            for k in range(first_tile * TAP_TILE, last_tile * TAP_TILE):
-                grad_weight[r0 + r, k] = zero
+        first_tap = split * tiles_per_split * TAP_TILE
+        last_tap = min(first_tap + tiles_per_split * TAP_TILE, taps)
+        group_offsets = offsets_flat[(r0 // rows_per_group) * taps:]
+        for r in range(r0, r0 + ROW_TILE):
+            for k in range(first_tap, last_tap):
+                grad_weight[r, k] = zero
         for block_start in range(0, length, PIXEL_BLOCK):
-            block_end = min(block_start + PIXEL_BLOCK, length)
-            for tile in range(first_tile, last_tile):
-                k0 = tile * TAP_TILE
-                s0 = np.uint64(offsets[group, k0 + 0])
-                s1 = np.uint64(offsets[group, k0 + 1])
-                s2 = np.uint64(offsets[group, k0 + 2])
-                s3 = np.uint64(offsets[group, k0 + 3])
-                a00 = zero
-                a01 = zero
-                a02 = zero
-                a03 = zero
-                a10 = zero
-                a11 = zero
-                a12 = zero
-                a13 = zero
-                a20 = zero
-                a21 = zero
-                a22 = zero
-                a23 = zero
-                a30 = zero
-                a31 = zero
-                a32 = zero
-                a33 = zero
-                for pixel in range(block_start, block_end):
-                    p = np.uint64(pixel)
-                    x0 = src[s0 + p]
-                    x1 = src[s1 + p]
-                    x2 = src[s2 + p]
-                    x3 = src[s3 + p]
-                    d0 = grad_flat[g0 + p]
-                    d1 = grad_flat[g1 + p]
-                    d2 = grad_flat[g2 + p]
-                    d3 = grad_flat[g3 + p]
-                    a00 += d0 * x0
-                    a01 += d0 * x1
-                    a02 += d0 * x2
-                    a03 += d0 * x3
-                    a10 += d1 * x0
-                    a11 += d1 * x1
-                    a12 += d1 * x2
-                    a13 += d1 * x3
-                    a20 += d2 * x0
-                    a21 += d2 * x1
-                    a22 += d2 * x2
-                    a23 += d2 * x3
-                    a30 += d3 * x0
-                    a31 += d3 * x1
-                    a32 += d3 * x2
-                    a33 += d3 * x3
-                grad_weight[r0 + 0, k0 + 0] += a00
-                grad_weight[r0 + 0, k0 + 1] += a01
-                grad_weight[r0 + 0, k0 + 2] += a02
-                grad_weight[r0 + 0, k0 + 3] += a03
-                grad_weight[r0 + 1, k0 + 0] += a10
-                grad_weight[r0 + 1, k0 + 1] += a11
-                grad_weight[r0 + 1, k0 + 2] += a12
-                grad_weight[r0 + 1, k0 + 3] += a13
-                grad_weight[r0 + 2, k0 + 0] += a20
-                grad_weight[r0 + 2, k0 + 1] += a21
-                grad_weight[r0 + 2, k0 + 2] += a22
-                grad_weight[r0 + 2, k0 + 3] += a23
-                grad_weight[r0 + 3, k0 + 0] += a30
-                grad_weight[r0 + 3, k0 + 1] += a31
-                grad_weight[r0 + 3, k0 + 2] += a32
-                grad_weight[r0 + 3, k0 + 3] += a33
+            block_len = min(PIXEL_BLOCK, length - block_start)
+            vectors = block_len // lanes
+            for k0 in range(first_tap, last_tap, REDUCE_TAPS):
+                tile_taps = min(REDUCE_TAPS, last_tap - k0)
+                run_reduce_tile_4_rows(tile_taps, src, block_start, group_offsets[k0:],
+                                       grad_flat, r0 * length + block_start, length, vectors,
+                                       grad_weight_flat, r0 * taps + k0, taps)
+            # the last block's pixels after its whole vectors
+            for pixel in range(block_start + vectors * lanes, block_start + block_len):
+                for r in range(r0, r0 + ROW_TILE):
+                    value = grad_flat[r * length + pixel]
+                    for k in range(first_tap, last_tap):
+                        grad_weight[r, k] += value * src[group_offsets[k] + pixel]

@@ -119,26 +119,137 @@ def _build_tile(rows, vectors):
     return tile
 
 
+def _build_reduce_tile(rows, taps):
+    """An intrinsic ``reduce_tile(src, src_start, offsets, grad, grad_start, grad_row_stride,
+    vectors, grad_weight, grad_weight_start, grad_weight_row_stride)`` adding
+
+        sum_{p < vectors * LANES} grad[grad_start + r * grad_row_stride + p]
+                                  * src[src_start + offsets[t] + p]
+
+    to ``grad_weight[grad_weight_start + r * grad_weight_row_stride + t]`` for ``r < rows``,
+    ``t < taps`` (``offsets`` starts at the tile's first tap). The ``rows * taps`` vector
+    accumulators stay in registers over the pixels (per vector: ``rows + taps`` loads,
+    ``rows * taps`` FMAs); each is then summed across its lanes by halving, in a fixed order.
+    """
+    @intrinsic
+    def reduce_tile(typingctx, src, src_start, offsets, grad, grad_start, grad_row_stride,
+                    vectors, grad_weight, grad_weight_start, grad_weight_row_stride):
+        index = types.int64
+        signature = types.void(src, index, offsets, grad, index, index, index, grad_weight,
+                               index, index)
+
+        def codegen(context, builder, signature, args):
+            (_, src_start, _, _, grad_start, grad_row_stride, vectors, _, grad_weight_start,
+             grad_weight_row_stride) = args
+            array_types = signature.args
+            dtype = array_types[0].dtype
+            scalar = context.get_value_type(dtype)
+            element_bytes = 4 if dtype == types.float32 else 8
+            lanes = VECTOR_BYTES // element_bytes
+            vector = ir.VectorType(scalar, lanes)
+            int64 = ir.IntType(64)
+            int32 = ir.IntType(32)
+
+            def data(position):
+                array = context.make_array(array_types[position])
+                return array(context, builder, args[position]).data
+
+            def constant(value):
+                return ir.Constant(int64, value)
+
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vector, [vector] * 3),
+                f"llvm.fma.v{lanes}f{element_bytes * 8}")
+            src_tile = builder.gep(data(0), [src_start])
+            offsets_data = data(2)
+            tap_sources = [builder.gep(src_tile, [builder.load(
+                builder.gep(offsets_data, [constant(t)]))]) for t in range(taps)]
+            grad_rows = [builder.gep(data(3), [builder.add(
+                grad_start, builder.mul(grad_row_stride, constant(r)))]) for r in range(rows)]
+            accumulators = [[cgutils.alloca_once(builder, vector) for _ in range(taps)]
+                            for _ in range(rows)]
+            for row in accumulators:
+                for slot in row:
+                    builder.store(ir.Constant(vector, None), slot)
+            with cgutils.for_range(builder, vectors) as loop:
+                pixel = builder.mul(loop.index, constant(lanes))
+
+                def load_vector(base):
+                    address = builder.bitcast(builder.gep(base, [pixel]), vector.as_pointer())
+                    return builder.load(address, align=element_bytes)
+
+                grads = [load_vector(base) for base in grad_rows]
+                inputs = [load_vector(base) for base in tap_sources]
+                for r in range(rows):
+                    for t in range(taps):
+                        slot = accumulators[r][t]
+                        builder.store(builder.call(fma, [grads[r], inputs[t],
+                                                         builder.load(slot)]), slot)
+            grad_weight_data = data(7)
+            for r in range(rows):
+                row = builder.gep(grad_weight_data, [builder.add(
+                    grad_weight_start, builder.mul(grad_weight_row_stride, constant(r)))])
+                for t in range(taps):
+                    total = builder.load(accumulators[r][t])
+                    width = lanes
+                    while width > 1:  # add the upper half onto the lower half
+                        width //= 2
+                        low = builder.shuffle_vector(total, total, ir.Constant(
+                            ir.VectorType(int32, width), list(range(width))))
+                        high = builder.shuffle_vector(total, total, ir.Constant(
+                            ir.VectorType(int32, width), list(range(width, 2 * width))))
+                        total = builder.fadd(low, high)
+                    address = builder.gep(row, [constant(t)])
+                    builder.store(builder.fadd(builder.load(address),
+                                               builder.extract_element(total, ir.Constant(int32, 0))),
+                                  address)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return reduce_tile
+
+
+def _python_reduce_tile(rows, taps):
+    """``_build_reduce_tile``'s computation in NumPy, for runs with NUMBA_DISABLE_JIT."""
+    def reduce_tile(src, src_start, offsets, grad, grad_start, grad_row_stride, vectors,
+                    grad_weight, grad_weight_start, grad_weight_row_stride):
+        width = vectors * (VECTOR_BYTES // src.itemsize)
+        for r in range(rows):
+            grad_row = grad_start + r * grad_row_stride
+            _check_range(grad, grad_row, grad_row + width)
+            for t in range(taps):
+                start = src_start + offsets[t]
+                _check_range(src, start, start + width)
+                position = grad_weight_start + r * grad_weight_row_stride + t
+                _check_range(grad_weight, position, position + 1)
+                grad_weight[position] += np.dot(grad[grad_row:grad_row + width],
+                                                src[start:start + width])
+    return reduce_tile
+
+
+def _check_range(array, start, stop):
+    """The IR tiles read and write without bounds checks; their NumPy twins check."""
+    if start < 0 or stop > array.shape[0]:
+        raise IndexError(f"tile range [{start}, {stop}) outside [0, {array.shape[0]})")
+
+
 def _python_tile(rows, vectors):
     """The same computation in NumPy, for runs with NUMBA_DISABLE_JIT."""
     def tile(src, src_start, offsets, weight, weight_start, weight_row_stride, out, out_start,
              out_row_stride, taps):
         width = vectors * (VECTOR_BYTES // src.itemsize)
 
-        def check(array, start, stop):  # the IR tile reads and writes without bounds checks
-            if start < 0 or stop > array.shape[0]:
-                raise IndexError(f"tile range [{start}, {stop}) outside [0, {array.shape[0]})")
-
         for r in range(rows):
             weight_row = weight_start + r * weight_row_stride
-            check(weight, weight_row, weight_row + taps)
+            _check_range(weight, weight_row, weight_row + taps)
             total = np.zeros(width, dtype=out.dtype)
             for k in range(taps):
                 start = src_start + offsets[k]
-                check(src, start, start + width)
+                _check_range(src, start, start + width)
                 total += src[start:start + width] * weight[weight_row + k]
             out_row = out_start + r * out_row_stride
-            check(out, out_row, out_row + width)
+            _check_range(out, out_row, out_row + width)
             out[out_row:out_row + width] = total
     return tile
 
@@ -177,3 +288,22 @@ def _build_runner(rows):
 
 run_tile_4_rows = _build_runner(ROWS)
 run_tile_1_row = _build_runner(1)
+
+
+_build_reduce = _python_reduce_tile if config.DISABLE_JIT else _build_reduce_tile
+_reduce_tile_6, _reduce_tile_4, _reduce_tile_2 = (_build_reduce(ROWS, taps) for taps in (6, 4, 2))
+REDUCE_TAPS = 6
+
+
+@njit(inline="always")
+def run_reduce_tile_4_rows(taps, src, src_start, offsets, grad, grad_start, grad_row_stride,
+                           vectors, grad_weight, grad_weight_start, grad_weight_row_stride):
+    """The weight-gradient tile of ROWS rows x ``taps`` (6, 4 or 2) taps."""
+    arguments = (src, src_start, offsets, grad, grad_start, grad_row_stride, vectors,
+                 grad_weight, grad_weight_start, grad_weight_row_stride)
+    if taps == 6:
+        _reduce_tile_6(*arguments)
+    elif taps == 4:
+        _reduce_tile_4(*arguments)
+    else:
+        _reduce_tile_2(*arguments)
