@@ -63,7 +63,7 @@ def _conv2d_forward(x, weight, bias, geometry):
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     matrix = plan.weight_matrix(weight)
     out_grid = aligned_empty((matrix.shape[0], geometry.batch, plan.out_len), x.dtype)
-    correlate(grid.data, grid.image_len, plan.offsets, matrix, out_grid)
+    correlate(grid.data, grid.image_stride, plan.offsets, matrix, out_grid)
     y = np.empty(geometry.output_shape, dtype=x.dtype)
     bias_values = np.zeros(geometry.out_channels, x.dtype) if bias is None else bias
     unpack_phase(out_grid, y, plan.filters_per_group, plan.filters_padded, plan.grid_w, 1, 1, 0,
@@ -83,7 +83,7 @@ def _conv2d_grad_input(grad_out, weight, geometry):
         matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
         out_grid = aligned_empty((matrix.shape[0], geometry.batch, out_len), grad_out.dtype)
         kernel = correlate if plan.channels_padded % ROW_TILE == 0 else correlate_rows
-        kernel(grid.data, grid.image_len, offsets, matrix, out_grid)
+        kernel(grid.data, grid.image_stride, offsets, matrix, out_grid)
         unpack_phase(out_grid, grad_x, plan.channels_per_group, plan.channels_padded,
                      plan.grid_w, geometry.stride[0], geometry.stride[1], phase_h, phase_w,
                      geometry.pad[0] - first_row * geometry.stride[0], geometry.pad[2], no_bias)
@@ -94,9 +94,9 @@ def _conv2d_grad_input(grad_out, weight, geometry):
 def _conv2d_grad_weight(grad_out, x, geometry):
     """Gradient of the convolution with respect to its weight, shape ``geometry.weight_shape``."""
     plan = ForwardPlan.for_geometry(geometry)
-    grid = plan.pack_input(x)
-    assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
-    offsets = plan.offsets
+    grid = plan.pack_input(x, image_major=False)
+    assert grid.zero_offset == plan.reduce_zero_offset  # the offsets' padding taps read zeros
+    offsets = plan.reduce_offsets
     grad_grid = plan.pack_grad_output(grad_out)
     rows, taps = grad_grid.shape[0], offsets.shape[1]
     grad_matrix = np.empty((rows, taps), dtype=grad_out.dtype)

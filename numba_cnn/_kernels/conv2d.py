@@ -76,10 +76,14 @@ def correlate(src, src_image_stride, offsets, weight, out):
         group_offsets = offsets_flat[group * taps:(group + 1) * taps]
         src_start = n * src_image_stride
         out_start = (r0 * batch + n) * length
-        for pixel in range(0, length, VECTORS * lanes):
-            vectors = min(VECTORS * lanes, length - pixel) // lanes
+        row_vectors = length // lanes
+        tiles = (row_vectors + VECTORS - 1) // VECTORS
+        pixel = 0
+        for tile in range(tiles):
+            vectors = _tile_width(row_vectors, tiles, tile)
             run_tile_4_rows(vectors, src, src_start + pixel, group_offsets, weight_flat,
                             r0 * taps, taps, out_flat, out_start + pixel, batch * length)
+            pixel += vectors * lanes
 
 
 @cached_njit(parallel=True)
@@ -107,10 +111,22 @@ def correlate_rows(src, src_image_stride, offsets, weight, out):
         group_offsets = offsets_flat[group * taps:(group + 1) * taps]
         src_start = n * src_image_stride
         out_start = (row * batch + n) * length
-        for pixel in range(0, length, VECTORS * lanes):
-            vectors = min(VECTORS * lanes, length - pixel) // lanes
+        row_vectors = length // lanes
+        tiles = (row_vectors + VECTORS - 1) // VECTORS
+        pixel = 0
+        for tile in range(tiles):
+            vectors = _tile_width(row_vectors, tiles, tile)
             run_tile_1_row(vectors, src, src_start + pixel, group_offsets, weight_flat,
                            row * taps, taps, out_flat, out_start + pixel, batch * length)
+            pixel += vectors * lanes
+
+
+@njit(inline="always")
+def _tile_width(row_vectors, tiles, tile):
+    """Vectors in tile ``tile`` of ``tiles`` covering ``row_vectors``: as even as possible
+    (14 vectors as 5 + 5 + 4, not 6 + 6 + 2: a narrow tile has too few accumulators to hide
+    the FMA latency and pays the same per-tap overhead)."""
+    return row_vectors // tiles + (1 if tile < row_vectors % tiles else 0)
 
 
 @njit

@@ -4,7 +4,10 @@ A grid stores each row (a channel, or a filter) of each image as ``grid_h x grid
 row-major, in a slot of ``image_len`` elements (``>= grid_h * grid_w``; the rest is zero). With
 stride ``(sh, sw)`` the padded input is split into ``sh * sw`` phase planes,
 ``plane(a, b)[i, j] = padded[i * sh + a, j * sw + b]``, so that a strided convolution reads every
-tap at unit stride. Layout: ``dst[row, phase, n, pixel]``.
+tap at unit stride. Two layouts (see ``_conv_plan.Grid``): image-major, ``[n, row, phase,
+pixel]`` with a zero tail after each image, for the correlations (a task reads one image's
+planes front to back); row-major, ``[row, phase, n, pixel]``, for the weight-gradient
+reduction (a row's pixels of all images are one contiguous run).
 
 These helpers are shared by every convolution family, so they compile once per dtype.
 """
@@ -15,23 +18,26 @@ from . import cached_njit
 
 
 @cached_njit(parallel=True)
-def pack_phases(src, dst, rows_per_group, rows_per_group_padded, pad_top, pad_left,
-                stride_h, stride_w, grid_h, grid_w, image_len):
-    """Fill ``dst`` (rows_padded, sh*sw, N, image_len) from ``src`` (N, rows, H, W).
+def pack_phases(src, dst, grid_rows, plane_strides, rows_per_group, rows_per_group_padded,
+                pad_top, pad_left, stride_h, stride_w, grid_h, grid_w, image_len):
+    """Fill the planes of ``grid_rows`` grid rows x sh*sw phases x N images in the flat ``dst``
+    from ``src`` (N, rows, H, W), C-contiguous.
 
+    ``plane_strides = (row, phase, image)``: plane (grid_row, phase, n) starts at
+    ``grid_row * row + phase * phase + n * image`` and holds ``image_len`` elements (the
+    caller chooses the layout; positions between planes are not written).
     Source row ``g * rows_per_group + r`` goes to grid row ``g * rows_per_group_padded + r``;
     grid rows beyond ``rows_per_group`` in each group, padding and spare pixels are zero.
     Grid pixel (i, j) of phase (a, b) holds ``src[..., i*sh + a - pad_top, j*sw + b - pad_left]``.
-    Both arrays C-contiguous. Each grid row is written as zeros, a copy of the source columns
+    Each grid row is written as zeros, a copy of the source columns
     it covers (computed up front, so the copy loop has no tests and LLVM vectorises it, unit
     stride or not) and zeros again; a per-pixel bounds test ran at ~4 GB/s.
     """
     batch, rows, height, width = src.shape
-    grid_rows = dst.shape[0]
-    phases = stride_h * stride_w
+    row_stride, phase_stride, image_stride = plane_strides
     zero = dst.dtype.type(0)
     src_flat = src.reshape(-1)
-    dst_flat = dst.reshape(-1)
+    dst_flat = dst
     for task in prange(grid_rows * batch):
         task_index = np.int64(task)
         grid_row = task_index // batch
@@ -42,7 +48,8 @@ def pack_phases(src, dst, rows_per_group, rows_per_group_padded, pad_top, pad_le
         row = group * rows_per_group + local
         for a in range(stride_h):
             for b in range(stride_w):
-                plane_start = ((grid_row * phases + a * stride_w + b) * batch + n) * image_len
+                plane_start = (grid_row * row_stride + (a * stride_w + b) * phase_stride
+                               + n * image_stride)
                 # grid columns j whose source column j*sw + b - pad_left lies in [0, width)
                 column_first = min(grid_w, (max(pad_left - b, 0) + stride_w - 1) // stride_w)
                 column_stop = column_first
