@@ -182,11 +182,17 @@ class ForwardPlan:
         return matrix
 
     def pack_grad_output(self, grad_out):
-        """grad_out (N, F, OH, OW) -> (G * filters_padded, N * image_len), zero off the outputs."""
+        """grad_out (N, F, OH, OW) -> (G * filters_padded, Q), zero off the outputs.
+
+        ``Q`` is ``N * image_len`` rounded up to whole vectors (the rest zero): every row then
+        starts on a cache line, so the weight-gradient tile's gradient loads never split one.
+        """
         g = self.geometry
         rows = g.groups * self.filters_padded
-        grid = aligned_empty((rows, g.batch * self.image_len), grad_out.dtype)
-        pack_phases(grad_out, grid.reshape(-1), rows, (g.batch * self.image_len, 0, self.image_len),
+        length = g.batch * self.image_len
+        grid = aligned_empty((rows, round_up(length, 16)), grad_out.dtype)
+        grid[:, length:] = 0
+        pack_phases(grad_out, grid.reshape(-1), rows, (grid.shape[1], 0, self.image_len),
                     self.filters_per_group, self.filters_padded, 0, 0, 1, 1, self.grid_h,
                     self.grid_w, self.image_len)
         return grid
