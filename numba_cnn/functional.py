@@ -100,9 +100,17 @@ def _conv2d_grad_weight(grad_out, x, geometry):
     grad_grid = plan.pack_grad_output(grad_out)
     rows, taps = grad_grid.shape[0], offsets.shape[1]
     grad_matrix = np.empty((rows, taps), dtype=grad_out.dtype)
+    row_tiles = rows // ROW_TILE
+    # Few taps per input plane (strided or small kernels) mean few FMAs per input byte
+    # streamed: then a task takes several row tiles, which reuse each input block from cache.
+    # (Same-process A/B: 16x64x32x32 4x4 s2 and res28 stride 2 up to 15% faster with 8; 3x3
+    # stride 1 layers 0-5% slower, so they keep one.)
+    sh, sw = geometry.stride
+    taps_per_plane = geometry.kernel[0] * geometry.kernel[1] / (sh * sw)
+    tiles_per_task = min(row_tiles, 8 if taps_per_plane < 9 else 1)
     # enough independent tasks for the threads, each still reducing over whole tap tiles
-    tap_splits = max(1, min(taps // TAP_TILE, -(-16 // (rows // ROW_TILE))))
-    correlate_grad_weight(grid.data, offsets, grad_grid, grad_matrix, tap_splits)
+    tap_splits = max(1, min(taps // TAP_TILE, -(-16 // -(-row_tiles // tiles_per_task))))
+    correlate_grad_weight(grid.data, offsets, grad_grid, grad_matrix, tiles_per_task, tap_splits)
     per_group = grad_matrix.reshape(geometry.groups, plan.filters_padded, taps)
     kernel_taps = plan.channels_per_group * geometry.kernel[0] * geometry.kernel[1]
     grad_weight = per_group[:, :plan.filters_per_group, :kernel_taps]

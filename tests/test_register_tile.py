@@ -84,14 +84,15 @@ def test_range_check_catches_reads_past_the_input(rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("taps", [4, 8, 12, 20])  # tiles of 6 taps and the 2- and 4-tap rests
 @pytest.mark.parametrize("length", [16, 37, PIXEL_BLOCK + 23])  # pixels after the last vector
-@pytest.mark.parametrize("tap_splits", [1, 3])
-def test_grad_weight_kernel_matches_formula(taps, length, tap_splits, dtype, rng):
-    rows, groups = 8, 2
+@pytest.mark.parametrize("tiles_per_task, tap_splits", [(1, 1), (1, 3), (3, 2)])
+def test_grad_weight_kernel_matches_formula(taps, length, tiles_per_task, tap_splits, dtype,
+                                            rng):
+    rows, groups = 16, 2  # 4 row tiles: with 3 per task, the second task has one
     src = rng.standard_normal(3 * length + 64).astype(dtype)
     offsets = rng.integers(0, 2 * length, size=(groups, taps)).astype(np.int64)
     grad = rng.standard_normal((rows, length)).astype(dtype)
     grad_weight = np.full((rows, taps), np.nan, dtype=dtype)  # every entry must be written
-    correlate_grad_weight(src, offsets, grad, grad_weight, tap_splits)
+    correlate_grad_weight(src, offsets, grad, grad_weight, tiles_per_task, tap_splits)
     expected = np.array([[grad[r].astype(np.float64) @ src[offset:offset + length]
                           for offset in offsets[r // (rows // groups)]] for r in range(rows)])
     np.testing.assert_allclose(grad_weight, expected, rtol=1e-4 if dtype == np.float32 else 1e-11,

@@ -139,22 +139,24 @@ def _check_reads(src, offsets, last_start, length):
 
 
 @cached_njit(parallel=True)
-def correlate_grad_weight(src, offsets, grad, grad_weight, tap_splits):
+def correlate_grad_weight(src, offsets, grad, grad_weight, tiles_per_task, tap_splits):
     """Set ``grad_weight[r, k] = sum_q grad[r, q] * src[offsets[group(r), k] + q]``.
 
     src : 1-D packed input; offsets : (G, K) int64; grad : (R, Q), zero at positions that are not
     valid outputs; grad_weight : (R, K), overwritten.
-    A task owns 4 rows of ``grad_weight`` and one of ``tap_splits`` ranges of its taps (disjoint,
-    so no races). It walks the pixels in blocks of PIXEL_BLOCK: the block of 4 gradient rows
-    stays in cache while every tile of 6 taps of the range is reduced against it in registers
-    (``register_tile``: 24 vector accumulators, summed across lanes at the end of the block);
-    pixels after the last whole vector are added one by one. The summation order is fixed by
+    A task owns ``tiles_per_task`` tiles of 4 rows of ``grad_weight`` and one of ``tap_splits``
+    ranges of its taps (disjoint, so no races). It walks the pixels in blocks of PIXEL_BLOCK:
+    the block's gradient rows stay in cache while every tile of 6 taps of the range is reduced
+    against them in registers, row tile by row tile (``register_tile``: 24 vector accumulators,
+    summed across lanes at the end of the block), so the tap tile's input rows are read from
+    memory once per task; pixels after the last whole vector are added one by one. The summation order is fixed by
     the block structure alone, so the result does not depend on the number of threads.
     """
     rows, length = grad.shape
     taps = grad_weight.shape[1]
     rows_per_group = rows // offsets.shape[0]
     row_tiles = rows // ROW_TILE
+    row_sets = (row_tiles + tiles_per_task - 1) // tiles_per_task
     tap_tiles = taps // TAP_TILE
     tiles_per_split = (tap_tiles + tap_splits - 1) // tap_splits
     grad_flat = grad.reshape(-1)
@@ -164,14 +166,15 @@ def correlate_grad_weight(src, offsets, grad, grad_weight, tap_splits):
     zero = grad_weight.dtype.type(0)
     if CHECK_BOUNDS:
         _check_reads(src, offsets, 0, length)
-    for task in prange(row_tiles * tap_splits):
+    for task in prange(row_sets * tap_splits):
         task_index = np.int64(task)
-        r0 = (task_index // tap_splits) * ROW_TILE
-        split = task_index - (task_index // tap_splits) * tap_splits
+        row_set = task_index // tap_splits
+        split = task_index - row_set * tap_splits
+        first_row = row_set * tiles_per_task * ROW_TILE
+        stop_row = min(first_row + tiles_per_task * ROW_TILE, rows)
         first_tap = split * tiles_per_split * TAP_TILE
         last_tap = min(first_tap + tiles_per_split * TAP_TILE, taps)
-        group_offsets = offsets_flat[(r0 // rows_per_group) * taps:]
-        for r in range(r0, r0 + ROW_TILE):
+        for r in range(first_row, stop_row):
             for k in range(first_tap, last_tap):
                 grad_weight[r, k] = zero
         for block_start in range(0, length, PIXEL_BLOCK):
@@ -179,12 +182,17 @@ def correlate_grad_weight(src, offsets, grad, grad_weight, tap_splits):
             vectors = block_len // lanes
             for k0 in range(first_tap, last_tap, REDUCE_TAPS):
                 tile_taps = min(REDUCE_TAPS, last_tap - k0)
-                run_reduce_tile_4_rows(tile_taps, src, block_start, group_offsets[k0:],
-                                       grad_flat, r0 * length + block_start, length, vectors,
-                                       grad_weight_flat, r0 * taps + k0, taps)
+                # the tile's input rows are reused from cache by every row tile of the set
+                for r0 in range(first_row, stop_row, ROW_TILE):
+                    group_start = (r0 // rows_per_group) * taps
+                    run_reduce_tile_4_rows(
+                        tile_taps, src, block_start, offsets_flat[group_start + k0:], grad_flat,
+                        r0 * length + block_start, length, vectors, grad_weight_flat,
+                        r0 * taps + k0, taps)
             # the last block's pixels after its whole vectors
             for pixel in range(block_start + vectors * lanes, block_start + block_len):
-                for r in range(r0, r0 + ROW_TILE):
+                for r in range(first_row, stop_row):
                     value = grad_flat[r * length + pixel]
+                    group_start = (r // rows_per_group) * taps
                     for k in range(first_tap, last_tap):
-                        grad_weight[r, k] += value * src[group_offsets[k] + pixel]
+                        grad_weight[r, k] += value * src[offsets_flat[group_start + k] + pixel]
