@@ -72,13 +72,17 @@ def _conv2d_forward(x, weight, bias, geometry):
 
 
 @_threads_by_geometry
-def _conv2d_grad_input(grad_out, weight, geometry):
-    """Gradient of the convolution with respect to its input, shape ``geometry.input_shape``."""
+def _conv2d_grad_input(grad_out, weight, bias, geometry):
+    """Gradient of the convolution with respect to its input, shape ``geometry.input_shape``,
+    plus ``bias`` (C,) per channel if given (the transposed convolution's bias)."""
     plan = InputGradPlan.for_geometry(geometry)
     grid = plan.pack_grad_output(grad_out)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     grad_x = np.zeros(geometry.input_shape, dtype=grad_out.dtype)
-    no_bias = np.zeros(geometry.in_channels, dtype=grad_out.dtype)
+    # every position belongs to one stride phase; if each phase has taps, each position is
+    # written once by an unpack, which adds the bias on the way (no extra pass over grad_x)
+    fuse_bias = bias is not None and len(plan.phases) == geometry.stride[0] * geometry.stride[1]
+    unpack_bias = bias if fuse_bias else np.zeros(geometry.in_channels, dtype=grad_out.dtype)
     for phase_h, phase_w, taps_h, taps_w, first_row, out_len, offsets in plan.phases:
         matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
         out_grid = aligned_empty((matrix.shape[0], geometry.batch, out_len), grad_out.dtype)
@@ -86,7 +90,10 @@ def _conv2d_grad_input(grad_out, weight, geometry):
         kernel(grid.data, grid.image_stride, offsets, matrix, out_grid)
         unpack_phase(out_grid, grad_x, plan.channels_per_group, plan.channels_padded,
                      plan.grid_w, geometry.stride[0], geometry.stride[1], phase_h, phase_w,
-                     geometry.pad[0] - first_row * geometry.stride[0], geometry.pad[2], no_bias)
+                     geometry.pad[0] - first_row * geometry.stride[0], geometry.pad[2],
+                     unpack_bias)
+    if bias is not None and not fuse_bias:
+        grad_x += bias[:, None, None]
     return grad_x
 
 
@@ -181,7 +188,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
                 grad_bias)
     x = _contiguous(x, dtype)
     weight = _contiguous(weight, dtype)
-    grad_x = _conv2d_grad_input(grad_out, weight, geometry)
+    grad_x = _conv2d_grad_input(grad_out, weight, None, geometry)
     grad_weight = _conv2d_grad_weight(grad_out, x, geometry)
     return grad_x, grad_weight, grad_bias
 
@@ -236,10 +243,8 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     if geometry.batch == 0:
         return np.zeros(geometry.output_shape, dtype=dtype)
     # y = A^T x, A the conv2d (input y-shaped, filters = weight) whose geometry is .conv
-    y = _conv2d_grad_input(_contiguous(x, dtype), _contiguous(weight, dtype), geometry.conv)
-    if bias is not None:
-        y += bias.astype(dtype, copy=False)[:, None, None]
-    return y
+    return _conv2d_grad_input(_contiguous(x, dtype), _contiguous(weight, dtype),
+                              _contiguous(bias, dtype), geometry.conv)
 
 
 def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_padding=0,

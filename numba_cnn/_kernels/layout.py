@@ -115,14 +115,48 @@ def unpack_phase(grid, dst, rows_per_group, rows_per_group_padded, grid_w, strid
         for i in range(row_count):
             source = (i0 + i) * grid_w + j0
             ih = ih0 + i * stride_h
+            # flat views with unsigned indices: no negative-index wraparound code, so LLVM
+            # vectorises the unit-stride copy (the common case) and keeps the strided one lean
+            dst_start = np.uint64(((n * rows + row) * height + ih) * width + iw0)
+            grid_start = np.uint64((grid_row * batch + n) * grid_len + source)
             if stride_w == 1:
-                # the common case: a unit-stride copy over flat views with unsigned indices
-                # (no negative-index wraparound code), which LLVM vectorises
-                dst_start = np.uint64(((n * rows + row) * height + ih) * width + iw0)
-                grid_start = np.uint64((grid_row * batch + n) * grid_len + source)
                 for j in range(col_count):
                     column = np.uint64(j)
                     dst_flat[dst_start + column] = grid_flat[grid_start + column] + row_bias
             else:
                 for j in range(col_count):
-                    dst[n, row, ih, iw0 + j * stride_w] = grid[grid_row, n, source + j] + row_bias
+                    dst_flat[dst_start + np.uint64(j * stride_w)] = (
+                        grid_flat[grid_start + np.uint64(j)] + row_bias)
+
+
+@cached_njit(parallel=True)
+def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix):
+    """Fill ``matrix`` (groups * rows_padded, columns) with one stride phase's weights of an
+    input gradient: row ``g * rows_padded + c``, column ``(f * len(taps_h) + i) * len(taps_w)
+    + j`` holds ``weight[g * Fg + f, c, taps_h[i], taps_w[j]]``; padding rows and columns are
+    zero. weight : (F, Cg, KH, KW), C-contiguous.
+
+    NumPy's copy of the equivalent transposed, sliced view iterates over the (at most KW-long)
+    last axis: 0.14 ms per phase of the dcgan layer, 0.5 ms for res14's weight.
+    """
+    filters, channels_per_group, kernel_h, kernel_w = weight.shape
+    filters_per_group = filters // groups
+    taps_h_count = taps_h.shape[0]
+    taps_w_count = taps_w.shape[0]
+    used_columns = filters_per_group * taps_h_count * taps_w_count
+    columns = matrix.shape[1]
+    zero = matrix.dtype.type(0)
+    for task in prange(groups * rows_padded):
+        row = np.int64(task)
+        group = row // rows_padded
+        channel = row - group * rows_padded
+        column_start = 0
+        if channel < channels_per_group:
+            for f in range(filters_per_group):
+                for i in range(taps_h_count):
+                    for j in range(taps_w_count):
+                        matrix[row, column_start] = weight[group * filters_per_group + f,
+                                                           channel, taps_h[i], taps_w[j]]
+                        column_start += 1
+        for column in range(column_start, columns):
+            matrix[row, column] = zero
