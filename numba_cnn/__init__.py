@@ -16,10 +16,12 @@ def _prefer_512_bit_vectors():
     kernels' pixel loops get ymm registers: measured on this project's machine, res28 forward at
     111-141 GFLOP/s with ymm against 153-178 with zmm. Numba fixes its CPU features when it is
     first imported, from NUMBA_CPU_FEATURES, so this only acts when numba_cnn is imported before
-    numba, and never when the user set NUMBA_CPU_FEATURES or NUMBA_CNN_PREFER_512=0. It applies
+    numba, and never when the user set NUMBA_CPU_FEATURES, NUMBA_CPU_NAME or
+    NUMBA_CNN_PREFER_512=0. It applies
     to all Numba code compiled in the process (it changes only the preferred vector width).
     """
     if ("numba" in _sys.modules or "NUMBA_CPU_FEATURES" in _os.environ
+            or "NUMBA_CPU_NAME" in _os.environ  # a chosen (e.g. portable) target: keep it
             or _os.environ.get("NUMBA_CNN_PREFER_512", "1") == "0"):
         return
     import llvmlite.binding as llvm

@@ -27,6 +27,13 @@ CASES = {
     "res14": (8, 256, 14, 14, 256, 3, 1, 1, 1),
     "dil56": (8, 64, 56, 56, 64, 3, 1, 2, 2),
     "res28s2": (8, 128, 28, 28, 128, 3, 2, 1, 1),
+    # stride-2 variants and shapes nobody tuned for (issue 7): channel counts that are not
+    # multiples of 16, 5x5 and 7x7 kernels, output widths no register tile divides
+    "res56s2": (8, 64, 56, 56, 64, 3, 2, 1, 1),
+    "res14s2": (8, 256, 14, 14, 256, 3, 2, 1, 1),
+    "odd3": (8, 100, 19, 19, 120, 3, 1, 1, 1),
+    "odd5": (8, 48, 27, 27, 80, 5, 1, 2, 1),
+    "stem7": (8, 3, 112, 112, 64, 7, 2, 3, 1),
 }
 # name: (mode, kernel, stride, padding) on a (32, 64, 56, 56) input
 POOL_CASES = {

@@ -39,3 +39,19 @@ def test_second_process_loads_kernels_from_cache(tmp_path):
     for name, (hits, misses) in second.items():
         assert hits >= 1 and misses == 0, (name, second)
     assert any(tmp_path.rglob("*.nbi")), "no cache index was written"
+
+
+def test_cache_key_covers_the_inlined_register_tiles():
+    """Numba keys a cached kernel on its own source file and closure values only. The drivers
+    inline IR tiles from register_tile.py, so they close over a fingerprint of that file (and
+    over the bounds-check flag): editing the tiles must not load stale cached drivers."""
+    import hashlib
+
+    from numba_cnn._kernels import conv2d, register_tile
+
+    with open(register_tile.__file__, "rb") as source:
+        digest = hashlib.sha256(source.read()).hexdigest()[:16]
+    assert register_tile.SOURCE_FINGERPRINT.startswith(digest)
+    for kernel in (conv2d.correlate, conv2d.correlate_rows, conv2d.correlate_grad_weight):
+        cells = [cell.cell_contents for cell in kernel.py_func.__closure__]
+        assert (conv2d.CHECK_BOUNDS, register_tile.SOURCE_FINGERPRINT) in cells, kernel

@@ -21,12 +21,12 @@ The weight gradient is the matching reduction over all pixels of all images:
 with ``grad`` zero outside valid output positions, so the spare grid columns contribute nothing.
 
 Conventions shared by the kernels (established by ``numba_cnn._conv_plan``):
-- ``offsets`` is ``(groups, K)`` int64 with ``K`` a multiple of ``TAP_TILE`` (the weight
-  gradient's tile); padding taps point at
-  a zero region of ``src`` and carry zero weights, so they add exact zeros.
+- ``offsets`` is ``(groups, K)`` int64 with ``K`` a multiple of ``TAP_TILE``; padding taps point
+  at a zero region of ``src`` and carry zero weights, so they add exact zeros.
 - ``weight`` is ``(R, K)`` with ``R`` a multiple of ``ROW_TILE`` and ``R // groups`` rows per group.
-- Kernels never validate; indices are unsigned so Numba emits no negative-index wraparound code
-  (which stops vectorisation).
+- Every read of ``src`` stays inside the array (the plans leave zero tails behind the data); the
+  IR tiles do not check, so under NUMBA_BOUNDSCHECK the drivers check the range once per call.
+- Kernels never validate their arguments.
 """
 import numpy as np
 from numba import njit, prange
@@ -34,8 +34,8 @@ from numba.core import config
 
 from . import cached_njit
 from .register_tile import ROWS as ROW_TILE
-from .register_tile import (REDUCE_TAPS, VECTOR_BYTES, VECTORS, run_reduce_tile_4_rows,
-                            run_tile_1_row, run_tile_4_rows)
+from .register_tile import (REDUCE_TAPS, SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS,
+                            run_reduce_tile_4_rows, run_tile_1_row, run_tile_4_rows)
 
 TAP_TILE = 4
 # Pixels per block of the weight-gradient reduction (best of 256-4096 on res56/28/14, mnist1/2):
@@ -43,82 +43,9 @@ TAP_TILE = 4
 # lane sums and setup more often.
 PIXEL_BLOCK = 2048
 
-# The IR tiles do not index through Numba, so NUMBA_BOUNDSCHECK checks their ranges per call.
+# The IR tiles do not index through Numba, so under NUMBA_BOUNDSCHECK the drivers check their
+# ranges once per call.
 CHECK_BOUNDS = bool(config.BOUNDSCHECK)
-
-
-@cached_njit(parallel=True)
-def correlate(src, src_image_stride, offsets, weight, out):
-    """Set ``out`` to the multi-tap correlation, ROW_TILE rows per task.
-
-    src : 1-D, the packed input (see module docstring), with a zero region for padding taps.
-    src_image_stride : elements between consecutive images in ``src``.
-    offsets : (G, K) int64; weight : (R, K); out : (R, N, L), C-contiguous, overwritten; ``L`` a
-    multiple of the vector length (16 float32). All ``L`` positions of every output row are
-    computed, a register tile (``register_tile``) at a time: ROW_TILE rows x up to VECTORS
-    vectors of pixels, reduced over all K taps in registers.
-    """
-    rows, batch, length = out.shape
-    taps = weight.shape[1]
-    rows_per_group = rows // offsets.shape[0]
-    row_tiles = rows // ROW_TILE
-    out_flat = out.reshape(-1)
-    offsets_flat = offsets.reshape(-1)
-    weight_flat = weight.reshape(-1)
-    lanes = VECTOR_BYTES // src.itemsize
-    if CHECK_BOUNDS:
-        _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
-    for task in prange(batch * row_tiles):
-        task_index = np.int64(task)
-        n = task_index // row_tiles
-        r0 = (task_index - n * row_tiles) * ROW_TILE
-        group = r0 // rows_per_group
-        group_offsets = offsets_flat[group * taps:(group + 1) * taps]
-        src_start = n * src_image_stride
-        out_start = (r0 * batch + n) * length
-        row_vectors = length // lanes
-        tiles = (row_vectors + VECTORS - 1) // VECTORS
-        pixel = 0
-        for tile in range(tiles):
-            vectors = _tile_width(row_vectors, tiles, tile)
-            run_tile_4_rows(vectors, src, src_start + pixel, group_offsets, weight_flat,
-                            r0 * taps, taps, out_flat, out_start + pixel, batch * length)
-            pixel += vectors * lanes
-
-
-@cached_njit(parallel=True)
-def correlate_rows(src, src_image_stride, offsets, weight, out):
-    """``correlate`` for outputs with fewer than ROW_TILE rows per group, one row per task.
-
-    Padding such groups to 4 rows (a single-channel input gradient, a depthwise convolution)
-    would do 4x the work; one row per task does the useful work only, at a lower FMA rate
-    (a vector load per FMA). Same arguments as ``correlate``; any number of rows.
-    """
-    rows, batch, length = out.shape
-    taps = weight.shape[1]
-    rows_per_group = rows // offsets.shape[0]
-    out_flat = out.reshape(-1)
-    offsets_flat = offsets.reshape(-1)
-    weight_flat = weight.reshape(-1)
-    lanes = VECTOR_BYTES // src.itemsize
-    if CHECK_BOUNDS:
-        _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
-    for task in prange(batch * rows):
-        task_index = np.int64(task)
-        n = task_index // rows
-        row = task_index - n * rows
-        group = row // rows_per_group
-        group_offsets = offsets_flat[group * taps:(group + 1) * taps]
-        src_start = n * src_image_stride
-        out_start = (row * batch + n) * length
-        row_vectors = length // lanes
-        tiles = (row_vectors + VECTORS - 1) // VECTORS
-        pixel = 0
-        for tile in range(tiles):
-            vectors = _tile_width(row_vectors, tiles, tile)
-            run_tile_1_row(vectors, src, src_start + pixel, group_offsets, weight_flat,
-                           row * taps, taps, out_flat, out_start + pixel, batch * length)
-            pixel += vectors * lanes
 
 
 @njit(inline="always")
@@ -138,61 +65,149 @@ def _check_reads(src, offsets, last_start, length):
         raise IndexError("correlate: a tap reads outside the packed input")
 
 
-@cached_njit(parallel=True)
-def correlate_grad_weight(src, offsets, grad, grad_weight, tiles_per_task, tap_splits):
-    """Set ``grad_weight[r, k] = sum_q grad[r, q] * src[offsets[group(r), k] + q]``.
+def _build_drivers(build):
+    """The correlation drivers; ``build`` = (check bounds, register_tile.SOURCE_FINGERPRINT).
 
-    src : 1-D packed input; offsets : (G, K) int64; grad : (R, Q), zero at positions that are not
-    valid outputs; grad_weight : (R, K), overwritten.
-    A task owns ``tiles_per_task`` tiles of 4 rows of ``grad_weight`` and one of ``tap_splits``
-    ranges of its taps (disjoint, so no races). It walks the pixels in blocks of PIXEL_BLOCK:
-    the block's gradient rows stay in cache while every tile of 6 taps of the range is reduced
-    against them in registers, row tile by row tile (``register_tile``: 24 vector accumulators,
-    summed across lanes at the end of the block), so the tap tile's input rows are read from
-    memory once per task; pixels after the last whole vector are added one by one. The summation order is fixed by
-    the block structure alone, so the result does not depend on the number of threads.
+    Built in a factory so that ``build`` is a closure value: Numba's cache checks a cached
+    kernel against its own source file and its closure values, not against the IR tiles it
+    inlines from ``register_tile.py`` or against NUMBA_BOUNDSCHECK, so without these values in
+    the key an edited tile module (or a bounds-checked run) would load stale cached code.
     """
-    rows, length = grad.shape
-    taps = grad_weight.shape[1]
-    rows_per_group = rows // offsets.shape[0]
-    row_tiles = rows // ROW_TILE
-    row_sets = (row_tiles + tiles_per_task - 1) // tiles_per_task
-    tap_tiles = taps // TAP_TILE
-    tiles_per_split = (tap_tiles + tap_splits - 1) // tap_splits
-    grad_flat = grad.reshape(-1)
-    grad_weight_flat = grad_weight.reshape(-1)
-    offsets_flat = offsets.reshape(-1)
-    lanes = VECTOR_BYTES // src.itemsize
-    zero = grad_weight.dtype.type(0)
-    if CHECK_BOUNDS:
-        _check_reads(src, offsets, 0, length)
-    for task in prange(row_sets * tap_splits):
-        task_index = np.int64(task)
-        row_set = task_index // tap_splits
-        split = task_index - row_set * tap_splits
-        first_row = row_set * tiles_per_task * ROW_TILE
-        stop_row = min(first_row + tiles_per_task * ROW_TILE, rows)
-        first_tap = split * tiles_per_split * TAP_TILE
-        last_tap = min(first_tap + tiles_per_split * TAP_TILE, taps)
-        for r in range(first_row, stop_row):
-            for k in range(first_tap, last_tap):
-                grad_weight[r, k] = zero
-        for block_start in range(0, length, PIXEL_BLOCK):
-            block_len = min(PIXEL_BLOCK, length - block_start)
-            vectors = block_len // lanes
-            for k0 in range(first_tap, last_tap, REDUCE_TAPS):
-                tile_taps = min(REDUCE_TAPS, last_tap - k0)
-                # the tile's input rows are reused from cache by every row tile of the set
-                for r0 in range(first_row, stop_row, ROW_TILE):
-                    group_start = (r0 // rows_per_group) * taps
-                    run_reduce_tile_4_rows(
-                        tile_taps, src, block_start, offsets_flat[group_start + k0:], grad_flat,
-                        r0 * length + block_start, length, vectors, grad_weight_flat,
-                        r0 * taps + k0, taps)
-            # the last block's pixels after its whole vectors
-            for pixel in range(block_start + vectors * lanes, block_start + block_len):
-                for r in range(first_row, stop_row):
-                    value = grad_flat[r * length + pixel]
-                    group_start = (r // rows_per_group) * taps
-                    for k in range(first_tap, last_tap):
-                        grad_weight[r, k] += value * src[offsets_flat[group_start + k] + pixel]
+    @cached_njit(parallel=True)
+    def correlate(src, src_image_stride, offsets, weight, out):
+        """Set ``out`` to the multi-tap correlation, ROW_TILE rows per task.
+
+        src : 1-D, the packed input (see module docstring), with a zero region for padding taps.
+        src_image_stride : elements between consecutive images in ``src``.
+        offsets : (G, K) int64; weight : (R, K); out : (R, N, L), C-contiguous, overwritten; ``L`` a
+        multiple of the vector length (16 float32). All ``L`` positions of every output row are
+        computed, a register tile (``register_tile``) at a time: ROW_TILE rows x up to VECTORS
+        vectors of pixels, reduced over all K taps in registers.
+        """
+        rows, batch, length = out.shape
+        taps = weight.shape[1]
+        rows_per_group = rows // offsets.shape[0]
+        row_tiles = rows // ROW_TILE
+        out_flat = out.reshape(-1)
+        offsets_flat = offsets.reshape(-1)
+        weight_flat = weight.reshape(-1)
+        lanes = VECTOR_BYTES // src.itemsize
+        if build[0]:  # NUMBA_BOUNDSCHECK
+            _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
+        for task in prange(batch * row_tiles):
+            task_index = np.int64(task)
+            n = task_index // row_tiles
+            r0 = (task_index - n * row_tiles) * ROW_TILE
+            group = r0 // rows_per_group
+            group_offsets = offsets_flat[group * taps:(group + 1) * taps]
+            src_start = n * src_image_stride
+            out_start = (r0 * batch + n) * length
+            row_vectors = length // lanes
+            tiles = (row_vectors + VECTORS - 1) // VECTORS
+            pixel = 0
+            for tile in range(tiles):
+                vectors = _tile_width(row_vectors, tiles, tile)
+                run_tile_4_rows(vectors, src, src_start + pixel, group_offsets, weight_flat,
+                                r0 * taps, taps, out_flat, out_start + pixel, batch * length)
+                pixel += vectors * lanes
+
+
+    @cached_njit(parallel=True)
+    def correlate_rows(src, src_image_stride, offsets, weight, out):
+        """``correlate`` for outputs with fewer than ROW_TILE rows per group, one row per task.
+
+        Padding such groups to 4 rows (a single-channel input gradient, a depthwise convolution)
+        would do 4x the work; one row per task does the useful work only, at a lower FMA rate
+        (a vector load per FMA). Same arguments as ``correlate``; any number of rows.
+        """
+        rows, batch, length = out.shape
+        taps = weight.shape[1]
+        rows_per_group = rows // offsets.shape[0]
+        out_flat = out.reshape(-1)
+        offsets_flat = offsets.reshape(-1)
+        weight_flat = weight.reshape(-1)
+        lanes = VECTOR_BYTES // src.itemsize
+        if build[0]:  # NUMBA_BOUNDSCHECK
+            _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
+        for task in prange(batch * rows):
+            task_index = np.int64(task)
+            n = task_index // rows
+            row = task_index - n * rows
+            group = row // rows_per_group
+            group_offsets = offsets_flat[group * taps:(group + 1) * taps]
+            src_start = n * src_image_stride
+            out_start = (row * batch + n) * length
+            row_vectors = length // lanes
+            tiles = (row_vectors + VECTORS - 1) // VECTORS
+            pixel = 0
+            for tile in range(tiles):
+                vectors = _tile_width(row_vectors, tiles, tile)
+                run_tile_1_row(vectors, src, src_start + pixel, group_offsets, weight_flat,
+                               row * taps, taps, out_flat, out_start + pixel, batch * length)
+                pixel += vectors * lanes
+
+
+    @cached_njit(parallel=True)
+    def correlate_grad_weight(src, offsets, grad, grad_weight, tiles_per_task, tap_splits):
+        """Set ``grad_weight[r, k] = sum_q grad[r, q] * src[offsets[group(r), k] + q]``.
+
+        src : 1-D packed input; offsets : (G, K) int64; grad : (R, Q), zero at positions that are not
+        valid outputs; grad_weight : (R, K), overwritten.
+        A task owns ``tiles_per_task`` tiles of 4 rows of ``grad_weight`` and one of ``tap_splits``
+        ranges of its taps (disjoint, so no races). It walks the pixels in blocks of PIXEL_BLOCK:
+        the block's gradient rows stay in cache while every tile of 6 taps of the range is reduced
+        against them in registers, row tile by row tile (``register_tile``: 24 vector accumulators,
+        summed across lanes at the end of the block), so the tap tile's input rows are read from
+        memory once per task; pixels after the last whole vector are added one by one. The summation order is fixed by
+        the block structure alone, so the result does not depend on the number of threads.
+        """
+        rows, length = grad.shape
+        taps = grad_weight.shape[1]
+        rows_per_group = rows // offsets.shape[0]
+        row_tiles = rows // ROW_TILE
+        row_sets = (row_tiles + tiles_per_task - 1) // tiles_per_task
+        tap_tiles = taps // TAP_TILE
+        tiles_per_split = (tap_tiles + tap_splits - 1) // tap_splits
+        grad_flat = grad.reshape(-1)
+        grad_weight_flat = grad_weight.reshape(-1)
+        offsets_flat = offsets.reshape(-1)
+        lanes = VECTOR_BYTES // src.itemsize
+        zero = grad_weight.dtype.type(0)
+        if build[0]:  # NUMBA_BOUNDSCHECK
+            _check_reads(src, offsets, 0, length)
+        for task in prange(row_sets * tap_splits):
+            task_index = np.int64(task)
+            row_set = task_index // tap_splits
+            split = task_index - row_set * tap_splits
+            first_row = row_set * tiles_per_task * ROW_TILE
+            stop_row = min(first_row + tiles_per_task * ROW_TILE, rows)
+            first_tap = split * tiles_per_split * TAP_TILE
+            last_tap = min(first_tap + tiles_per_split * TAP_TILE, taps)
+            for r in range(first_row, stop_row):
+                for k in range(first_tap, last_tap):
+                    grad_weight[r, k] = zero
+            for block_start in range(0, length, PIXEL_BLOCK):
+                block_len = min(PIXEL_BLOCK, length - block_start)
+                vectors = block_len // lanes
+                for k0 in range(first_tap, last_tap, REDUCE_TAPS):
+                    tile_taps = min(REDUCE_TAPS, last_tap - k0)
+                    # the tile's input rows are reused from cache by every row tile of the set
+                    for r0 in range(first_row, stop_row, ROW_TILE):
+                        group_start = (r0 // rows_per_group) * taps
+                        run_reduce_tile_4_rows(
+                            tile_taps, src, block_start, offsets_flat[group_start + k0:], grad_flat,
+                            r0 * length + block_start, length, vectors, grad_weight_flat,
+                            r0 * taps + k0, taps)
+                # the last block's pixels after its whole vectors
+                for pixel in range(block_start + vectors * lanes, block_start + block_len):
+                    for r in range(first_row, stop_row):
+                        value = grad_flat[r * length + pixel]
+                        group_start = (r // rows_per_group) * taps
+                        for k in range(first_tap, last_tap):
+                            grad_weight[r, k] += value * src[offsets_flat[group_start + k] + pixel]
+
+    return correlate, correlate_rows, correlate_grad_weight
+
+
+correlate, correlate_rows, correlate_grad_weight = _build_drivers((CHECK_BOUNDS,
+                                                                    SOURCE_FINGERPRINT))

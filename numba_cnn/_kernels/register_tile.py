@@ -19,6 +19,8 @@ The tile functions are Numba intrinsics, inlined into the ``@njit(parallel=True)
 ``conv2d.py`` and cached with them. Under ``NUMBA_DISABLE_JIT`` (the coverage run) they are
 replaced by a NumPy implementation of the formula above.
 """
+import hashlib
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -43,6 +45,23 @@ VECTOR_BYTES = 64 if _has_avx512() else 32
 # Vectors per tile: ROWS * VECTORS accumulators plus VECTORS inputs and a broadcast weight must
 # fit the register file (32 registers with AVX-512, 16 without).
 VECTORS = 6 if VECTOR_BYTES == 64 else 3
+# Taps per weight-gradient tile: ROWS * REDUCE_TAPS accumulators plus ROWS + REDUCE_TAPS loaded
+# vectors (4 x 6 + 10 = 34 would spill on 16 registers; 4 x 2 + 6 = 14 does not).
+REDUCE_TAPS = 6 if VECTOR_BYTES == 64 else 2
+
+
+def _source_fingerprint():
+    """This module's source hash and tile shape: the cached drivers that inline the tiles key
+    their cache on it (``conv2d._build_drivers``)."""
+    try:
+        with open(__file__, "rb") as source:
+            digest = hashlib.sha256(source.read()).hexdigest()[:16]
+    except OSError:
+        digest = "unknown"
+    return f"{digest}-{VECTOR_BYTES}-{VECTORS}-{REDUCE_TAPS}"
+
+
+SOURCE_FINGERPRINT = _source_fingerprint()
 
 
 def _build_tile(rows, vectors):
@@ -292,7 +311,6 @@ run_tile_1_row = _build_runner(1)
 
 _build_reduce = _python_reduce_tile if config.DISABLE_JIT else _build_reduce_tile
 _reduce_tile_6, _reduce_tile_4, _reduce_tile_2 = (_build_reduce(ROWS, taps) for taps in (6, 4, 2))
-REDUCE_TAPS = 6
 
 
 @njit(inline="always")
