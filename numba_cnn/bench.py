@@ -1,6 +1,6 @@
 """Benchmark numba_cnn against PyTorch's CPU convolution and the im2col NumPy layer.
 
-    numba-cnn bench [--quick] [--threads 2] [--ops conv2d,conv_transpose2d,pool2d]
+    numba-cnn bench [--quick] [--rounds 3] [--threads 2] [--ops conv2d,conv_transpose2d,pool2d]
                     [--cases res28,mnist1] [--dtype float64] [--json FILE]
 
 Each library runs in its own process with the same thread count (Numba's and PyTorch's thread
@@ -227,6 +227,16 @@ def _worker(library, case_names, dtype, quick):
     return results
 
 
+def _median_over_rounds(runs):
+    """{case: {kind: seconds}} per round -> the median per case and kind (None if a run
+    failed every round)."""
+    runs = [run for run in runs if run]
+    if not runs:
+        return None
+    return {name: {kind: float(np.median([run[name][kind] for run in runs]))
+                   for kind in runs[0][name]} for name in runs[0]}
+
+
 def _run_library(library, case_names, dtype, threads, quick):
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "numba_cnn.bench", "--worker", library, "--cases",
@@ -249,6 +259,10 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every library this many times, alternating, and report "
+                             "each time's median over the rounds (the machine's load drifts "
+                             "over minutes; alternating rounds spread that over all libraries)")
     parser.add_argument("--json", dest="json_file", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -265,22 +279,25 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(_worker(args.worker, case_names, args.dtype, args.quick)))
         return 0
-    results = {}
+    libraries = []
     for library in args.libraries.split(","):
         if library == "torch":
-            try:
-                import importlib.util
-                if importlib.util.find_spec("torch") is None:
-                    print("torch is not installed: skipping it", file=sys.stderr)
-                    continue
-            except ImportError:
+            import importlib.util
+            if importlib.util.find_spec("torch") is None:
+                print("torch is not installed: skipping it", file=sys.stderr)
                 continue
-        results[library] = _run_library(library, case_names, args.dtype, args.threads,
-                                        args.quick)
+        libraries.append(library)
+    rounds = {library: [] for library in libraries}
+    for _ in range(max(1, args.rounds)):
+        for library in libraries:
+            rounds[library].append(_run_library(library, case_names, args.dtype, args.threads,
+                                                args.quick))
+    results = {library: _median_over_rounds(runs) for library, runs in rounds.items()}
     ours = results.get("numba_cnn") or {}
     header = (f"{'case':8} {'pass':8} {'ours ms':>9} {'GF/s':>7} {'torch ms':>9} {'GF/s':>7} "
               f"{'vs torch':>8} {'numpy ms':>9} {'vs numpy':>8}")
-    print(f"{args.ops} {args.dtype}, {args.threads} threads, medians; "
+    print(f"{args.ops} {args.dtype}, {args.threads} threads, medians"
+          f"{f' over {args.rounds} alternating rounds' if args.rounds > 1 else ''}; "
           "'vs X' = X time / our time")
     print(header)
     for name in case_names:
@@ -303,8 +320,8 @@ def main(argv=None):
             print(row)
     if args.json_file:
         with open(args.json_file, "w") as handle:
-            json.dump({"dtype": args.dtype, "threads": args.threads, "results": results},
-                      handle, indent=1)
+            json.dump({"dtype": args.dtype, "threads": args.threads, "results": results,
+                       "rounds": rounds}, handle, indent=1)
     return 0
 
 
