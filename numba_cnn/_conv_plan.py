@@ -96,7 +96,7 @@ def pad_offsets(offsets, zero_offset):
 
 def padded_rows(rows):
     """Rows per group as the correlation kernels see them: a multiple of ROW_TILE, except
-    below ROW_TILE, where ``correlate_rows`` takes them as they are."""
+    below ROW_TILE, where ``correlate`` runs one row per task."""
     return rows if rows < ROW_TILE else round_up(rows, ROW_TILE)
 
 

@@ -15,8 +15,7 @@ import numpy as np
 from . import _args
 from ._threads import threads_for
 from ._conv_plan import ForwardPlan, InputGradPlan, aligned_empty
-from ._kernels.conv2d import (correlate, correlate_grad_weight, correlate_rows, ROW_TILE,
-                              TAP_TILE)
+from ._kernels.conv2d import correlate, correlate_grad_weight, ROW_TILE, TAP_TILE
 from ._kernels.layout import unpack_phase
 
 # Pooling lives in its own module (validation section + ops); this is the public surface.
@@ -86,8 +85,7 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
     for phase_h, phase_w, taps_h, taps_w, first_row, out_len, offsets in plan.phases:
         matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
         out_grid = aligned_empty((matrix.shape[0], geometry.batch, out_len), grad_out.dtype)
-        kernel = correlate if plan.channels_padded % ROW_TILE == 0 else correlate_rows
-        kernel(grid.data, grid.image_stride, offsets, matrix, out_grid)
+        correlate(grid.data, grid.image_stride, offsets, matrix, out_grid)
         unpack_phase(out_grid, grad_x, plan.channels_per_group, plan.channels_padded,
                      plan.grid_w, geometry.stride[0], geometry.stride[1], phase_h, phase_w,
                      geometry.pad[0] - first_row * geometry.stride[0], geometry.pad[2],

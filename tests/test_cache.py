@@ -52,6 +52,6 @@ def test_cache_key_covers_the_inlined_register_tiles():
     with open(register_tile.__file__, "rb") as source:
         digest = hashlib.sha256(source.read()).hexdigest()[:16]
     assert register_tile.SOURCE_FINGERPRINT.startswith(digest)
-    for kernel in (conv2d.correlate, conv2d.correlate_rows, conv2d.correlate_grad_weight):
+    for kernel in (conv2d.correlate, conv2d.correlate_grad_weight):
         cells = [cell.cell_contents for cell in kernel.py_func.__closure__]
         assert (conv2d.CHECK_BOUNDS, register_tile.SOURCE_FINGERPRINT) in cells, kernel

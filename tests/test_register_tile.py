@@ -7,8 +7,7 @@ directly, so every tile width (1..VECTORS vectors) and both row counts run on ra
 import numpy as np
 import pytest
 
-from numba_cnn._kernels.conv2d import (PIXEL_BLOCK, _check_reads, correlate,
-                                       correlate_grad_weight, correlate_rows)
+from numba_cnn._kernels.conv2d import PIXEL_BLOCK, _check_reads, correlate, correlate_grad_weight
 from numba_cnn._kernels.register_tile import VECTOR_BYTES, VECTORS
 
 
@@ -37,13 +36,13 @@ def random_correlation(rng, dtype, rows, groups, vectors):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("vectors", range(1, 2 * VECTORS + 2))
-@pytest.mark.parametrize("kernel, rows, groups", [(correlate, 8, 2), (correlate_rows, 3, 3)],
-                         ids=["4_rows", "1_row"])
-def test_correlation_kernels_match_formula(kernel, rows, groups, vectors, dtype, rng):
+@pytest.mark.parametrize("rows, groups", [(8, 2), (3, 3), (6, 2)],
+                         ids=["4_row_tiles", "1_row_groups", "3_row_groups"])
+def test_correlation_kernel_matches_formula(rows, groups, vectors, dtype, rng):
     src, image_stride, offsets, weight, out_shape = random_correlation(
         rng, dtype, rows, groups, vectors)
     out = np.full(out_shape, np.nan, dtype=dtype)  # every position must be written
-    kernel(src, image_stride, offsets, weight, out)
+    correlate(src, image_stride, offsets, weight, out)
     expected = correlation_by_formula(src, image_stride, offsets, weight, out_shape)
     np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)

@@ -75,77 +75,51 @@ def _build_drivers(build):
     """
     @cached_njit(parallel=True)
     def correlate(src, src_image_stride, offsets, weight, out):
-        """Set ``out`` to the multi-tap correlation, ROW_TILE rows per task.
+        """Set ``out`` to the multi-tap correlation.
 
-        src : 1-D, the packed input (see module docstring), with a zero region for padding taps.
+        src : 1-D, the packed input (see module docstring), with zeros for padding taps.
         src_image_stride : elements between consecutive images in ``src``.
-        offsets : (G, K) int64; weight : (R, K); out : (R, N, L), C-contiguous, overwritten; ``L`` a
-        multiple of the vector length (16 float32). All ``L`` positions of every output row are
-        computed, a register tile (``register_tile``) at a time: ROW_TILE rows x up to VECTORS
-        vectors of pixels, reduced over all K taps in registers.
+        offsets : (G, K) int64; weight : (R, K); out : (R, N, L), C-contiguous, overwritten; ``L``
+        a multiple of the vector length (16 float32). All ``L`` positions of every output row
+        are computed, a register tile (``register_tile``) at a time: ROW_TILE rows x up to
+        VECTORS vectors of pixels, reduced over all K taps in registers. Groups of fewer rows
+        than ROW_TILE (a single-channel input gradient, a depthwise convolution; padding them
+        to 4 rows would do 4x the work) run one row per task, at a lower FMA rate (a vector
+        load per FMA).
         """
         rows, batch, length = out.shape
         taps = weight.shape[1]
         rows_per_group = rows // offsets.shape[0]
-        row_tiles = rows // ROW_TILE
+        rows_per_task = ROW_TILE if rows_per_group % ROW_TILE == 0 else 1
+        row_tasks = rows // rows_per_task
         out_flat = out.reshape(-1)
         offsets_flat = offsets.reshape(-1)
         weight_flat = weight.reshape(-1)
         lanes = VECTOR_BYTES // src.itemsize
+        row_vectors = length // lanes
+        tiles = (row_vectors + VECTORS - 1) // VECTORS
         if build[0]:  # NUMBA_BOUNDSCHECK
             _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
-        for task in prange(batch * row_tiles):
+        for task in prange(batch * row_tasks):
             task_index = np.int64(task)
-            n = task_index // row_tiles
-            r0 = (task_index - n * row_tiles) * ROW_TILE
+            n = task_index // row_tasks
+            r0 = (task_index - n * row_tasks) * rows_per_task
             group = r0 // rows_per_group
             group_offsets = offsets_flat[group * taps:(group + 1) * taps]
             src_start = n * src_image_stride
             out_start = (r0 * batch + n) * length
-            row_vectors = length // lanes
-            tiles = (row_vectors + VECTORS - 1) // VECTORS
             pixel = 0
             for tile in range(tiles):
                 vectors = _tile_width(row_vectors, tiles, tile)
-                run_tile_4_rows(vectors, src, src_start + pixel, group_offsets, weight_flat,
-                                r0 * taps, taps, out_flat, out_start + pixel, batch * length)
+                if rows_per_task == ROW_TILE:
+                    run_tile_4_rows(vectors, src, src_start + pixel, group_offsets,
+                                    weight_flat, r0 * taps, taps, out_flat, out_start + pixel,
+                                    batch * length)
+                else:
+                    run_tile_1_row(vectors, src, src_start + pixel, group_offsets, weight_flat,
+                                   r0 * taps, taps, out_flat, out_start + pixel,
+                                   batch * length)
                 pixel += vectors * lanes
-
-
-    @cached_njit(parallel=True)
-    def correlate_rows(src, src_image_stride, offsets, weight, out):
-        """``correlate`` for outputs with fewer than ROW_TILE rows per group, one row per task.
-
-        Padding such groups to 4 rows (a single-channel input gradient, a depthwise convolution)
-        would do 4x the work; one row per task does the useful work only, at a lower FMA rate
-        (a vector load per FMA). Same arguments as ``correlate``; any number of rows.
-        """
-        rows, batch, length = out.shape
-        taps = weight.shape[1]
-        rows_per_group = rows // offsets.shape[0]
-        out_flat = out.reshape(-1)
-        offsets_flat = offsets.reshape(-1)
-        weight_flat = weight.reshape(-1)
-        lanes = VECTOR_BYTES // src.itemsize
-        if build[0]:  # NUMBA_BOUNDSCHECK
-            _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
-        for task in prange(batch * rows):
-            task_index = np.int64(task)
-            n = task_index // rows
-            row = task_index - n * rows
-            group = row // rows_per_group
-            group_offsets = offsets_flat[group * taps:(group + 1) * taps]
-            src_start = n * src_image_stride
-            out_start = (row * batch + n) * length
-            row_vectors = length // lanes
-            tiles = (row_vectors + VECTORS - 1) // VECTORS
-            pixel = 0
-            for tile in range(tiles):
-                vectors = _tile_width(row_vectors, tiles, tile)
-                run_tile_1_row(vectors, src, src_start + pixel, group_offsets, weight_flat,
-                               row * taps, taps, out_flat, out_start + pixel, batch * length)
-                pixel += vectors * lanes
-
 
     @cached_njit(parallel=True)
     def correlate_grad_weight(src, offsets, grad, grad_weight, tiles_per_task, tap_splits):
@@ -206,8 +180,7 @@ def _build_drivers(build):
                         for k in range(first_tap, last_tap):
                             grad_weight[r, k] += value * src[offsets_flat[group_start + k] + pixel]
 
-    return correlate, correlate_rows, correlate_grad_weight
+    return correlate, correlate_grad_weight
 
 
-correlate, correlate_rows, correlate_grad_weight = _build_drivers((CHECK_BOUNDS,
-                                                                    SOURCE_FINGERPRINT))
+correlate, correlate_grad_weight = _build_drivers((CHECK_BOUNDS, SOURCE_FINGERPRINT))
