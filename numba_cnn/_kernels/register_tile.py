@@ -64,6 +64,81 @@ def _source_fingerprint():
 SOURCE_FINGERPRINT = _source_fingerprint()
 
 
+class _Emitter:
+    """The IR vocabulary the tiles share, for one codegen call: argument data pointers,
+    (unaligned) vector loads and stores, broadcasts, FMAs and register accumulators."""
+
+    def __init__(self, context, builder, signature, args):
+        self.context, self.builder = context, builder
+        self.array_types, self.args = signature.args, args
+        dtype = signature.args[0].dtype
+        self.element_bytes = 4 if dtype == types.float32 else 8
+        self.lanes = VECTOR_BYTES // self.element_bytes
+        self.vector = ir.VectorType(context.get_value_type(dtype), self.lanes)
+        self._fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.vector, [self.vector] * 3),
+            f"llvm.fma.v{self.lanes}f{self.element_bytes * 8}")
+        self._splat = ir.Constant(ir.VectorType(ir.IntType(32), self.lanes), [0] * self.lanes)
+
+    def constant(self, value):
+        return ir.Constant(ir.IntType(64), value)
+
+    def data(self, position):
+        """The data pointer of array argument ``position``."""
+        array = self.context.make_array(self.array_types[position])
+        return array(self.context, self.builder, self.args[position]).data
+
+    def rows(self, position, start, stride, count):
+        """Pointers to elements ``start + i * stride`` (i < count) of array ``position``."""
+        builder = self.builder
+        return [builder.gep(self.data(position), [builder.add(
+            start, builder.mul(stride, self.constant(i)))]) for i in range(count)]
+
+    def _vector_pointer(self, base, offset):
+        if isinstance(offset, int):
+            offset = self.constant(offset)
+        return self.builder.bitcast(self.builder.gep(base, [offset]), self.vector.as_pointer())
+
+    def load_vector(self, base, offset):
+        return self.builder.load(self._vector_pointer(base, offset), align=self.element_bytes)
+
+    def store_vector(self, value, base, offset):
+        self.builder.store(value, self._vector_pointer(base, offset), align=self.element_bytes)
+
+    def broadcast(self, scalar):
+        undefined = ir.Constant(self.vector, ir.Undefined)
+        single = self.builder.insert_element(undefined, scalar, ir.Constant(ir.IntType(32), 0))
+        return self.builder.shuffle_vector(single, undefined, self._splat)
+
+    def accumulators(self, outer, inner):
+        """outer x inner vector slots, zeroed: allocas in the entry block, which LLVM's SROA
+        promotes to registers."""
+        slots = [[cgutils.alloca_once(self.builder, self.vector) for _ in range(inner)]
+                 for _ in range(outer)]
+        for row in slots:
+            for slot in row:
+                self.builder.store(ir.Constant(self.vector, None), slot)
+        return slots
+
+    def accumulate(self, slot, a, b):
+        """slot = fma(a, b, slot): one rounding per term."""
+        builder = self.builder
+        builder.store(builder.call(self._fma, [a, b, builder.load(slot)]), slot)
+
+    def lane_sum(self, value):
+        """The sum of a vector's lanes, adding the upper half onto the lower half until one
+        lane is left (a fixed order)."""
+        builder = self.builder
+        width = self.lanes
+        while width > 1:
+            width //= 2
+            halves = [builder.shuffle_vector(value, value, ir.Constant(
+                ir.VectorType(ir.IntType(32), width), list(range(start, start + width))))
+                for start in (0, width)]
+            value = builder.fadd(*halves)
+        return builder.extract_element(value, ir.Constant(ir.IntType(32), 0))
+
+
 def _build_tile(rows, vectors):
     """An intrinsic ``tile(src, src_start, offsets, weight, weight_start, weight_row_stride, out,
     out_start, out_row_stride, taps)`` computing the module docstring's formula; the arrays are
@@ -75,62 +150,25 @@ def _build_tile(rows, vectors):
         signature = types.void(src, index, offsets, weight, index, index, out, index, index, index)
 
         def codegen(context, builder, signature, args):
-            (src_array, src_start, offsets_array, weight_array, weight_start, weight_row_stride,
-             out_array, out_start, out_row_stride, taps) = args
-            array_types = signature.args
-            dtype = array_types[0].dtype
-            scalar = context.get_value_type(dtype)
-            element_bytes = 4 if dtype == types.float32 else 8
-            lanes = VECTOR_BYTES // element_bytes
-            vector = ir.VectorType(scalar, lanes)
-            int64 = ir.IntType(64)
-
-            def data(position):
-                array = context.make_array(array_types[position])
-                return array(context, builder, args[position]).data
-
-            def vector_at(base, offset):
-                address = builder.gep(base, [ir.Constant(int64, offset)])
-                return builder.bitcast(address, vector.as_pointer())
-
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vector, [vector] * 3),
-                f"llvm.fma.v{lanes}f{element_bytes * 8}")
-            src_tile = builder.gep(data(0), [src_start])
-            offsets_data = data(2)
-            weight_rows = [builder.gep(data(3), [builder.add(
-                weight_start, builder.mul(weight_row_stride, ir.Constant(int64, r)))])
-                for r in range(rows)]
-            # allocas in the entry block: LLVM's SROA promotes them to registers
-            accumulators = [[cgutils.alloca_once(builder, vector) for _ in range(vectors)]
-                            for _ in range(rows)]
-            for row in accumulators:
-                for slot in row:
-                    builder.store(ir.Constant(vector, None), slot)
-            undefined = ir.Constant(vector, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+            (_, src_start, _, _, weight_start, weight_row_stride, _, out_start, out_row_stride,
+             taps) = args
+            emit = _Emitter(context, builder, signature, args)
+            lanes = emit.lanes
+            src_tile = builder.gep(emit.data(0), [src_start])
+            offsets_data = emit.data(2)
+            weight_rows = emit.rows(3, weight_start, weight_row_stride, rows)
+            accumulators = emit.accumulators(rows, vectors)
             with cgutils.for_range(builder, taps) as loop:
                 tap = loop.index
                 tap_src = builder.gep(src_tile, [builder.load(builder.gep(offsets_data, [tap]))])
-                inputs = [builder.load(vector_at(tap_src, v * lanes), align=element_bytes)
-                          for v in range(vectors)]
+                inputs = [emit.load_vector(tap_src, v * lanes) for v in range(vectors)]
                 for r in range(rows):
-                    weight_value = builder.load(builder.gep(weight_rows[r], [tap]))
-                    broadcast = builder.shuffle_vector(
-                        builder.insert_element(undefined, weight_value,
-                                               ir.Constant(ir.IntType(32), 0)),
-                        undefined, splat)
+                    weight_value = emit.broadcast(builder.load(builder.gep(weight_rows[r], [tap])))
                     for v in range(vectors):
-                        slot = accumulators[r][v]
-                        builder.store(builder.call(fma, [inputs[v], broadcast,
-                                                         builder.load(slot)]), slot)
-            out_data = data(6)
-            for r in range(rows):
-                out_row = builder.gep(out_data, [builder.add(
-                    out_start, builder.mul(out_row_stride, ir.Constant(int64, r)))])
+                        emit.accumulate(accumulators[r][v], inputs[v], weight_value)
+            for r, out_row in enumerate(emit.rows(6, out_start, out_row_stride, rows)):
                 for v in range(vectors):
-                    builder.store(builder.load(accumulators[r][v]),
-                                  vector_at(out_row, v * lanes), align=element_bytes)
+                    emit.store_vector(builder.load(accumulators[r][v]), out_row, v * lanes)
             return context.get_dummy_value()
 
         return signature, codegen
@@ -160,68 +198,26 @@ def _build_reduce_tile(rows, taps):
         def codegen(context, builder, signature, args):
             (_, src_start, _, _, grad_start, grad_row_stride, vectors, _, grad_weight_start,
              grad_weight_row_stride) = args
-            array_types = signature.args
-            dtype = array_types[0].dtype
-            scalar = context.get_value_type(dtype)
-            element_bytes = 4 if dtype == types.float32 else 8
-            lanes = VECTOR_BYTES // element_bytes
-            vector = ir.VectorType(scalar, lanes)
-            int64 = ir.IntType(64)
-            int32 = ir.IntType(32)
-
-            def data(position):
-                array = context.make_array(array_types[position])
-                return array(context, builder, args[position]).data
-
-            def constant(value):
-                return ir.Constant(int64, value)
-
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vector, [vector] * 3),
-                f"llvm.fma.v{lanes}f{element_bytes * 8}")
-            src_tile = builder.gep(data(0), [src_start])
-            offsets_data = data(2)
+            emit = _Emitter(context, builder, signature, args)
+            src_tile = builder.gep(emit.data(0), [src_start])
+            offsets_data = emit.data(2)
             tap_sources = [builder.gep(src_tile, [builder.load(
-                builder.gep(offsets_data, [constant(t)]))]) for t in range(taps)]
-            grad_rows = [builder.gep(data(3), [builder.add(
-                grad_start, builder.mul(grad_row_stride, constant(r)))]) for r in range(rows)]
-            accumulators = [[cgutils.alloca_once(builder, vector) for _ in range(taps)]
-                            for _ in range(rows)]
-            for row in accumulators:
-                for slot in row:
-                    builder.store(ir.Constant(vector, None), slot)
+                builder.gep(offsets_data, [emit.constant(t)]))]) for t in range(taps)]
+            grad_rows = emit.rows(3, grad_start, grad_row_stride, rows)
+            accumulators = emit.accumulators(rows, taps)
             with cgutils.for_range(builder, vectors) as loop:
-                pixel = builder.mul(loop.index, constant(lanes))
-
-                def load_vector(base):
-                    address = builder.bitcast(builder.gep(base, [pixel]), vector.as_pointer())
-                    return builder.load(address, align=element_bytes)
-
-                grads = [load_vector(base) for base in grad_rows]
-                inputs = [load_vector(base) for base in tap_sources]
+                pixel = builder.mul(loop.index, emit.constant(emit.lanes))
+                grads = [emit.load_vector(base, pixel) for base in grad_rows]
+                inputs = [emit.load_vector(base, pixel) for base in tap_sources]
                 for r in range(rows):
                     for t in range(taps):
-                        slot = accumulators[r][t]
-                        builder.store(builder.call(fma, [grads[r], inputs[t],
-                                                         builder.load(slot)]), slot)
-            grad_weight_data = data(7)
-            for r in range(rows):
-                row = builder.gep(grad_weight_data, [builder.add(
-                    grad_weight_start, builder.mul(grad_weight_row_stride, constant(r)))])
+                        emit.accumulate(accumulators[r][t], grads[r], inputs[t])
+            weight_rows = emit.rows(7, grad_weight_start, grad_weight_row_stride, rows)
+            for r, row in enumerate(weight_rows):
                 for t in range(taps):
-                    total = builder.load(accumulators[r][t])
-                    width = lanes
-                    while width > 1:  # add the upper half onto the lower half
-                        width //= 2
-                        low = builder.shuffle_vector(total, total, ir.Constant(
-                            ir.VectorType(int32, width), list(range(width))))
-                        high = builder.shuffle_vector(total, total, ir.Constant(
-                            ir.VectorType(int32, width), list(range(width, 2 * width))))
-                        total = builder.fadd(low, high)
-                    address = builder.gep(row, [constant(t)])
-                    builder.store(builder.fadd(builder.load(address),
-                                               builder.extract_element(total, ir.Constant(int32, 0))),
-                                  address)
+                    total = emit.lane_sum(builder.load(accumulators[r][t]))
+                    address = builder.gep(row, [emit.constant(t)])
+                    builder.store(builder.fadd(builder.load(address), total), address)
             return context.get_dummy_value()
 
         return signature, codegen
