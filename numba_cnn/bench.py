@@ -49,6 +49,8 @@ TRANSPOSED_CASES = {
     "ct28op": (8, 64, 28, 28, 64, 3, 2, 1, 1),
 }
 OPS = {"conv2d": CASES, "conv_transpose2d": TRANSPOSED_CASES, "pool2d": POOL_CASES}
+SGEMM = "sgemm"  # the numpy worker's result for a SGEMM_SIZE^2 float32 matmul
+SGEMM_SIZE = 2048
 LIBRARIES = ("numba_cnn", "torch", "numpy")
 
 
@@ -218,6 +220,12 @@ def _worker(library, case_names, dtype, quick):
         torch.set_num_threads(int(os.environ["NUMBA_NUM_THREADS"]))
     results = {}
     min_repeats, min_seconds = (3, 0.2) if quick else (10, 1.0)
+    if library == "numpy":
+        # the machine's sgemm rate in this run, the yardstick of issue 7's "85% of sgemm"
+        rng = np.random.default_rng(0)
+        a, b = (rng.standard_normal((SGEMM_SIZE, SGEMM_SIZE)).astype(np.float32)
+                for _ in range(2))
+        results[SGEMM] = {"forward": _median_seconds(lambda: a @ b, min_repeats, min_seconds)}
     for name in case_names:
         forward, forward_backward = _make_runner(library, name, dtype)
         results[name] = {
@@ -318,6 +326,14 @@ def main(argv=None):
                     row += (f" {timing * 1e3:9.3f} {timing / our_time:8.1f}"
                             if timing and our_time else f" {'-':>9} {'-':>8}")
             print(row)
+    sgemm = ((results.get("numpy") or {}).get(SGEMM) or {}).get("forward")
+    if sgemm:
+        sgemm_rate = 2 * SGEMM_SIZE ** 3 / sgemm / 1e9
+        shares = [f"{name} {conv_flops(name) / ours[name]['forward'] / 1e9 / sgemm_rate:.0%}"
+                  for name in case_names if name in CASES and ours.get(name)]
+        print(f"sgemm (NumPy {SGEMM_SIZE}x{SGEMM_SIZE} float32 matmul, same threads): "
+              f"{sgemm_rate:.0f} GFLOP/s" + (f"; our conv2d forward at {', '.join(shares)} "
+                                             "of it" if shares else ""))
     if args.json_file:
         with open(args.json_file, "w") as handle:
             json.dump({"dtype": args.dtype, "threads": args.threads, "results": results,
