@@ -32,12 +32,6 @@ def aligned_empty(shape, dtype, alignment=64):
     return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
 
 
-def aligned_zeros(shape, dtype):
-    array = aligned_empty(shape, dtype)
-    array[...] = 0
-    return array
-
-
 class Grid:
     """A packed grid buffer: planes of ``image_len`` pixels, one per (row, phase, image), in a
     flat 64-byte aligned ``data`` array, with zeros where the kernels read beyond the planes.
@@ -54,7 +48,6 @@ class Grid:
     """
 
     def __init__(self, rows, phases, batch, image_len, read_span, dtype, image_major):
-        self.image_len = image_len
         planes = rows * phases * image_len
         if image_major:
             self.image_stride = round_up(planes + read_span + 64, 16)
@@ -98,14 +91,6 @@ def padded_rows(rows):
     """Rows per group as the correlation kernels see them: a multiple of ROW_TILE, except
     below ROW_TILE, where ``correlate`` runs one row per task."""
     return rows if rows < ROW_TILE else round_up(rows, ROW_TILE)
-
-
-def grouped_matrix(groups, rows, rows_padded, columns, columns_padded, dtype):
-    """A zeroed (groups * rows_padded, columns_padded) matrix and a view of its used block,
-    shaped (groups, rows, columns): the caller fills the view in one copy, and the padding
-    rows and columns stay zero (zero weights on padding taps, zero padding outputs)."""
-    matrix = np.zeros((groups, rows_padded, columns_padded), dtype=dtype)
-    return matrix.reshape(groups * rows_padded, columns_padded), matrix[:, :rows, :columns]
 
 
 class ForwardPlan:
@@ -166,19 +151,20 @@ class ForwardPlan:
     def weight_matrix(self, weight):
         """The (G * filters_padded, Kp) weight matrix of ``weight`` matching ``offsets``."""
         g = self.geometry
-        taps = weight[0].size
-        if self.filters_padded == self.filters_per_group and self.offsets.shape[1] == taps:
+        taps, columns = weight[0].size, self.offsets.shape[1]
+        if self.filters_padded == self.filters_per_group and columns == taps:
             return weight.reshape(g.out_channels, taps)  # no padding: the weight itself
-        matrix, used = grouped_matrix(g.groups, self.filters_per_group, self.filters_padded,
-                                      taps, self.offsets.shape[1], weight.dtype)
-        used[...] = weight.reshape(g.groups, self.filters_per_group, taps)
-        return matrix
+        # one copy into a zeroed matrix: zero weights on padding taps and padding filters
+        matrix = np.zeros((g.groups, self.filters_padded, columns), dtype=weight.dtype)
+        matrix[:, :self.filters_per_group, :taps] = weight.reshape(
+            g.groups, self.filters_per_group, taps)
+        return matrix.reshape(g.groups * self.filters_padded, columns)
 
     def pack_grad_output(self, grad_out):
         """grad_out (N, F, OH, OW) -> (G * filters_padded, Q), zero off the outputs.
 
         ``Q`` is ``N * image_len`` rounded up to whole vectors (the rest zero): every row then
-        starts on a cache line, so the weight-gradient tile's gradient loads never split one.
+        starts on a cache line and no pixel is left for the kernel's scalar tail.
         """
         g = self.geometry
         rows = g.groups * self.filters_padded
@@ -259,7 +245,8 @@ class InputGradPlan:
                            + in_plane[None, None]).reshape(g.groups, -1)
                 offsets = pad_offsets(offsets, self.zero_offset)
                 out_len = round_up(max(stop_row - first_row, 0) * self.grid_w, 16)
-                phases.append((phase_h, phase_w, taps_h, taps_w, first_row, out_len, offsets))
+                phases.append((phase_h, phase_w, np.array(taps_h, dtype=np.int64),
+                               np.array(taps_w, dtype=np.int64), first_row, out_len, offsets))
         return phases
 
     def pack_grad_output(self, grad_out):
@@ -273,6 +260,5 @@ class InputGradPlan:
         columns (filter, kh, kw) in the order of that phase's offsets."""
         g = self.geometry
         matrix = np.empty((g.groups * self.channels_padded, columns), dtype=weight.dtype)
-        gather_phase_weights(weight, g.groups, np.asarray(taps_h, dtype=np.int64),
-                             np.asarray(taps_w, dtype=np.int64), self.channels_padded, matrix)
+        gather_phase_weights(weight, g.groups, taps_h, taps_w, self.channels_padded, matrix)
         return matrix

@@ -125,15 +125,16 @@ def _build_drivers(build):
     def correlate_grad_weight(src, offsets, grad, grad_weight, tiles_per_task, tap_splits):
         """Set ``grad_weight[r, k] = sum_q grad[r, q] * src[offsets[group(r), k] + q]``.
 
-        src : 1-D packed input; offsets : (G, K) int64; grad : (R, Q), zero at positions that are not
-        valid outputs; grad_weight : (R, K), overwritten.
-        A task owns ``tiles_per_task`` tiles of 4 rows of ``grad_weight`` and one of ``tap_splits``
-        ranges of its taps (disjoint, so no races). It walks the pixels in blocks of PIXEL_BLOCK:
-        the block's gradient rows stay in cache while every tile of 6 taps of the range is reduced
-        against them in registers, row tile by row tile (``register_tile``: 24 vector accumulators,
-        summed across lanes at the end of the block), so the tap tile's input rows are read from
-        memory once per task; pixels after the last whole vector are added one by one. The summation order is fixed by
-        the block structure alone, so the result does not depend on the number of threads.
+        src : 1-D packed input; offsets : (G, K) int64; grad : (R, Q), zero at positions that
+        are not valid outputs; grad_weight : (R, K), overwritten.
+        A task owns ``tiles_per_task`` tiles of 4 rows of ``grad_weight`` and one of
+        ``tap_splits`` ranges of its taps (disjoint, so no races). It walks the pixels in blocks
+        of PIXEL_BLOCK: the block's gradient rows stay in cache while every tile of 6 taps of
+        the range is reduced against them in registers, row tile by row tile (``register_tile``:
+        24 vector accumulators, summed across lanes at the end of the block), so the tap tile's
+        input rows are read from memory once per task; pixels after the last whole vector are
+        added one by one. The summation order is fixed by the block structure alone, so the
+        result does not depend on the number of threads.
         """
         rows, length = grad.shape
         taps = grad_weight.shape[1]

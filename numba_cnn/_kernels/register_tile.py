@@ -1,8 +1,8 @@
 """The correlation micro-kernel, written in LLVM IR: a tile of output rows x pixel vectors whose
 accumulators live in registers for the whole reduction over the taps.
 
-    out[out_start + r * out_row_stride + p] = sum_k  src[src_start + offsets[k] + p]
-                                                     * weight[weight_start + r * weight_row_stride + k]
+    out[out_start + r * out_row_stride + p] =
+        sum_k  src[src_start + offsets[k] + p] * weight[weight_start + r * weight_row_stride + k]
 
 for ``r < rows`` and ``p < vectors * LANES`` (``k < taps``). The sum runs over ``k`` in order,
 one fused multiply-add per term, starting from zero (the result is written, not accumulated).
