@@ -77,10 +77,12 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
     plan = InputGradPlan.for_geometry(geometry)
     grid = plan.pack_grad_output(grad_out)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
-    grad_x = np.zeros(geometry.input_shape, dtype=grad_out.dtype)
     # every position belongs to one stride phase; if each phase has taps, each position is
-    # written once by an unpack, which adds the bias on the way (no extra pass over grad_x)
-    fuse_bias = bias is not None and len(plan.phases) == geometry.stride[0] * geometry.stride[1]
+    # written once by an unpack (so grad_x needs no zeroing), which adds the bias on the way
+    # (no extra pass over grad_x)
+    every_phase = len(plan.phases) == geometry.stride[0] * geometry.stride[1]
+    grad_x = (np.empty if every_phase else np.zeros)(geometry.input_shape, dtype=grad_out.dtype)
+    fuse_bias = bias is not None and every_phase
     unpack_bias = bias if fuse_bias else np.zeros(geometry.in_channels, dtype=grad_out.dtype)
     for phase_h, phase_w, taps_h, taps_w, first_row, out_len, offsets in plan.phases:
         matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])

@@ -152,3 +152,16 @@ def torch_conv2d(torch, case, x, w, b, grad_out):
     yt.backward(torch.tensor(np.asarray(grad_out, dtype=np.float64)))
     return (yt.detach().numpy(), xt.grad.numpy(), wt.grad.numpy(),
             None if bt is None else bt.grad.numpy())
+
+
+class PoisonedEmptyNumpy:
+    """``numpy`` for ``monkeypatch.setattr(functional, "np", ...)``, except that ``empty``
+    returns NaN-filled arrays: fresh pages are zero, so only poisoned memory reveals an output
+    position the kernels never write."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float, **kwargs):
+        return np.full(shape, np.nan, dtype=dtype, **kwargs)

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from numba_cnn import functional as F
 from numba_cnn import reference as R
 
-from _conv_cases import CASES, CASE_IDS, ConvCase, assert_close, expected_out_hw, make_inputs, \
-    torch_conv2d
+from _conv_cases import CASES, CASE_IDS, ConvCase, PoisonedEmptyNumpy, assert_close, \
+    expected_out_hw, make_inputs, torch_conv2d
 
 RTOL = {np.float64: 1e-10, np.float32: 1e-4}
 DTYPES = [np.float64, np.float32]
@@ -47,6 +47,14 @@ def test_conv2d_matches_reference(case, dtype, rng):
     for name, out in (("y", y), ("grad_x", gx), ("grad_weight", gw), ("grad_bias", gb)):
         if out is not None:
             assert out.dtype == dtype, f"{name} dtype {out.dtype}, expected {np.dtype(dtype)}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_output_position_is_written(case, rng, monkeypatch):
+    # outputs are allocated uninitialised (np.empty) whenever the kernels cover every position
+    monkeypatch.setattr(F, "np", PoisonedEmptyNumpy())
+    x, w, b, g = make_inputs(case, rng, np.float32)
+    _check_against_reference(case, x, w, b, g, RTOL[np.float32])
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -17,8 +17,8 @@ from numba_cnn import layers
 from numba_cnn import reference as R
 from numba_cnn.layers import ConvTranspose2D
 
-from _conv_cases import CASES as CONV_CASES, CASE_IDS as CONV_CASE_IDS, assert_close, \
-    expected_out_hw
+from _conv_cases import CASES as CONV_CASES, CASE_IDS as CONV_CASE_IDS, PoisonedEmptyNumpy, \
+    assert_close, expected_out_hw
 
 RTOL = {np.float64: 1e-10, np.float32: 1e-4}
 DTYPES = [np.float64, np.float32]
@@ -157,6 +157,14 @@ def test_conv_transpose2d_matches_reference(case, dtype, rng):
     for name, out in zip(("y", "grad_x", "grad_weight", "grad_bias"), outs):
         if out is not None:
             assert out.dtype == dtype, f"{name} dtype {out.dtype}, expected {np.dtype(dtype)}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_output_position_is_written(case, rng, monkeypatch):
+    # outputs are allocated uninitialised (np.empty) whenever the kernels cover every position
+    monkeypatch.setattr(F, "np", PoisonedEmptyNumpy())
+    x, w, b, g = make_inputs(case, rng, np.float32)
+    _check_against_reference(case, x, w, b, g, RTOL[np.float32])
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
