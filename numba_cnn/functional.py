@@ -117,7 +117,8 @@ def _conv2d_grad_weight(grad_out, x, geometry):
     tiles_per_task = min(row_tiles, 8 if taps_per_plane < 9 else 1)
     # enough independent tasks for the threads, each still reducing over whole tap tiles
     tap_splits = max(1, min(taps // TAP_TILE, -(-16 // -(-row_tiles // tiles_per_task))))
-    correlate_grad_weight(grid.data, offsets, grad_grid, grad_matrix, tiles_per_task, tap_splits)
+    correlate_grad_weight(grid.data, offsets, plan.reduce_columns, grad_grid, grad_matrix,
+                          tiles_per_task, tap_splits)
     per_group = grad_matrix.reshape(geometry.groups, plan.filters_padded, taps)
     kernel_taps = plan.channels_per_group * geometry.kernel[0] * geometry.kernel[1]
     grad_weight = per_group[:, :plan.filters_per_group, :kernel_taps]

@@ -90,9 +90,12 @@ def test_grad_weight_kernel_matches_formula(taps, length, tiles_per_task, tap_sp
     src = rng.standard_normal(3 * length + 64).astype(dtype)
     offsets = rng.integers(0, 2 * length, size=(groups, taps)).astype(np.int64)
     grad = rng.standard_normal((rows, length)).astype(dtype)
+    columns = rng.permutation(taps).astype(np.int64)  # tap k's result goes to columns[k]
     grad_weight = np.full((rows, taps), np.nan, dtype=dtype)  # every entry must be written
-    correlate_grad_weight(src, offsets, grad, grad_weight, tiles_per_task, tap_splits)
-    expected = np.array([[grad[r].astype(np.float64) @ src[offset:offset + length]
-                          for offset in offsets[r // (rows // groups)]] for r in range(rows)])
+    correlate_grad_weight(src, offsets, columns, grad, grad_weight, tiles_per_task, tap_splits)
+    expected = np.empty((rows, taps))
+    for r in range(rows):
+        for k, offset in enumerate(offsets[r // (rows // groups)]):
+            expected[r, columns[k]] = grad[r].astype(np.float64) @ src[offset:offset + length]
     np.testing.assert_allclose(grad_weight, expected, rtol=1e-4 if dtype == np.float32 else 1e-11,
                                atol=1e-3 if dtype == np.float32 else 1e-11)

@@ -16,9 +16,10 @@ pixels, accumulated in registers over all taps (per tap: 6 input loads, 4 weight
 
 The weight gradient is the matching reduction over all pixels of all images:
 
-    grad_weight[r, k] = sum_q  grad[r, q] * src[offsets[group(r), k] + q]
+    grad_weight[r, columns[k]] = sum_q  grad[r, q] * src[offsets[group(r), k] + q]
 
 with ``grad`` zero outside valid output positions, so the spare grid columns contribute nothing.
+``columns`` (a permutation) lets the plan hand the taps over sorted by where they read.
 
 Conventions shared by the kernels (established by ``numba_cnn._conv_plan``):
 - ``offsets`` is ``(groups, K)`` int64 with ``K`` a multiple of ``TAP_TILE``; padding taps point
@@ -122,11 +123,13 @@ def _build_drivers(build):
                 pixel += vectors * lanes
 
     @cached_njit(parallel=True)
-    def correlate_grad_weight(src, offsets, grad, grad_weight, tiles_per_task, tap_splits):
-        """Set ``grad_weight[r, k] = sum_q grad[r, q] * src[offsets[group(r), k] + q]``.
+    def correlate_grad_weight(src, offsets, columns, grad, grad_weight, tiles_per_task,
+                              tap_splits):
+        """Set ``grad_weight[r, columns[k]] = sum_q grad[r, q] * src[offsets[group(r), k] + q]``.
 
-        src : 1-D packed input; offsets : (G, K) int64; grad : (R, Q), zero at positions that
-        are not valid outputs; grad_weight : (R, K), overwritten.
+        src : 1-D packed input; offsets : (G, K) int64; columns : (K,) int64, a permutation of
+        ``range(K)``; grad : (R, Q), zero at positions that are not valid outputs;
+        grad_weight : (R, K), overwritten.
         A task owns ``tiles_per_task`` tiles of 4 rows of ``grad_weight`` and one of
         ``tap_splits`` ranges of its taps (disjoint, so no races). It walks the pixels in blocks
         of PIXEL_BLOCK: the block's gradient rows stay in cache while every tile of 6 taps of
@@ -160,7 +163,7 @@ def _build_drivers(build):
             last_tap = min(first_tap + tiles_per_split * TAP_TILE, taps)
             for r in range(first_row, stop_row):
                 for k in range(first_tap, last_tap):
-                    grad_weight[r, k] = zero
+                    grad_weight[r, columns[k]] = zero
             for block_start in range(0, length, PIXEL_BLOCK):
                 block_len = min(PIXEL_BLOCK, length - block_start)
                 vectors = block_len // lanes
@@ -172,14 +175,15 @@ def _build_drivers(build):
                         run_reduce_tile_4_rows(
                             tile_taps, src, block_start, offsets_flat[group_start + k0:], grad_flat,
                             r0 * length + block_start, length, vectors, grad_weight_flat,
-                            r0 * taps + k0, taps)
+                            r0 * taps, taps, columns[k0:])
                 # the last block's pixels after its whole vectors
                 for pixel in range(block_start + vectors * lanes, block_start + block_len):
                     for r in range(first_row, stop_row):
                         value = grad_flat[r * length + pixel]
                         group_start = (r // rows_per_group) * taps
                         for k in range(first_tap, last_tap):
-                            grad_weight[r, k] += value * src[offsets_flat[group_start + k] + pixel]
+                            grad_weight[r, columns[k]] += (
+                                value * src[offsets_flat[group_start + k] + pixel])
 
     return correlate, correlate_grad_weight
 

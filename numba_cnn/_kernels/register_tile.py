@@ -178,26 +178,27 @@ def _build_tile(rows, vectors):
 
 def _build_reduce_tile(rows, taps):
     """An intrinsic ``reduce_tile(src, src_start, offsets, grad, grad_start, grad_row_stride,
-    vectors, grad_weight, grad_weight_start, grad_weight_row_stride)`` adding
+    vectors, grad_weight, grad_weight_start, grad_weight_row_stride, columns)`` adding
 
         sum_{p < vectors * LANES} grad[grad_start + r * grad_row_stride + p]
                                   * src[src_start + offsets[t] + p]
 
-    to ``grad_weight[grad_weight_start + r * grad_weight_row_stride + t]`` for ``r < rows``,
-    ``t < taps`` (``offsets`` starts at the tile's first tap). The ``rows * taps`` vector
+    to ``grad_weight[grad_weight_start + r * grad_weight_row_stride + columns[t]]`` for
+    ``r < rows``, ``t < taps`` (``offsets`` and ``columns`` start at the tile's first tap; the
+    columns let the caller order the taps by where they read). The ``rows * taps`` vector
     accumulators stay in registers over the pixels (per vector: ``rows + taps`` loads,
     ``rows * taps`` FMAs); each is then summed across its lanes by halving, in a fixed order.
     """
     @intrinsic
     def reduce_tile(typingctx, src, src_start, offsets, grad, grad_start, grad_row_stride,
-                    vectors, grad_weight, grad_weight_start, grad_weight_row_stride):
+                    vectors, grad_weight, grad_weight_start, grad_weight_row_stride, columns):
         index = types.int64
         signature = types.void(src, index, offsets, grad, index, index, index, grad_weight,
-                               index, index)
+                               index, index, columns)
 
         def codegen(context, builder, signature, args):
             (_, src_start, _, _, grad_start, grad_row_stride, vectors, _, grad_weight_start,
-             grad_weight_row_stride) = args
+             grad_weight_row_stride, _) = args
             emit = _Emitter(context, builder, signature, args)
             src_tile = builder.gep(emit.data(0), [src_start])
             offsets_data = emit.data(2)
@@ -213,10 +214,13 @@ def _build_reduce_tile(rows, taps):
                     for t in range(taps):
                         emit.accumulate(accumulators[r][t], grads[r], inputs[t])
             weight_rows = emit.rows(7, grad_weight_start, grad_weight_row_stride, rows)
+            columns_data = emit.data(10)
+            tap_columns = [builder.load(builder.gep(columns_data, [emit.constant(t)]))
+                           for t in range(taps)]
             for r, row in enumerate(weight_rows):
                 for t in range(taps):
                     total = emit.lane_sum(builder.load(accumulators[r][t]))
-                    address = builder.gep(row, [emit.constant(t)])
+                    address = builder.gep(row, [tap_columns[t]])
                     builder.store(builder.fadd(builder.load(address), total), address)
             return context.get_dummy_value()
 
@@ -228,7 +232,7 @@ def _build_reduce_tile(rows, taps):
 def _python_reduce_tile(rows, taps):
     """``_build_reduce_tile``'s computation in NumPy, for runs with NUMBA_DISABLE_JIT."""
     def reduce_tile(src, src_start, offsets, grad, grad_start, grad_row_stride, vectors,
-                    grad_weight, grad_weight_start, grad_weight_row_stride):
+                    grad_weight, grad_weight_start, grad_weight_row_stride, columns):
         width = vectors * (VECTOR_BYTES // src.itemsize)
         for r in range(rows):
             grad_row = grad_start + r * grad_row_stride
@@ -236,7 +240,7 @@ def _python_reduce_tile(rows, taps):
             for t in range(taps):
                 start = src_start + offsets[t]
                 _check_range(src, start, start + width)
-                position = grad_weight_start + r * grad_weight_row_stride + t
+                position = grad_weight_start + r * grad_weight_row_stride + columns[t]
                 _check_range(grad_weight, position, position + 1)
                 grad_weight[position] += np.dot(grad[grad_row:grad_row + width],
                                                 src[start:start + width])
@@ -311,10 +315,11 @@ _reduce_tile_6, _reduce_tile_4, _reduce_tile_2 = (_build_reduce(ROWS, taps) for 
 
 @njit(inline="always")
 def run_reduce_tile_4_rows(taps, src, src_start, offsets, grad, grad_start, grad_row_stride,
-                           vectors, grad_weight, grad_weight_start, grad_weight_row_stride):
+                           vectors, grad_weight, grad_weight_start, grad_weight_row_stride,
+                           columns):
     """The weight-gradient tile of ROWS rows x ``taps`` (6, 4 or 2) taps."""
     arguments = (src, src_start, offsets, grad, grad_start, grad_row_stride, vectors,
-                 grad_weight, grad_weight_start, grad_weight_row_stride)
+                 grad_weight, grad_weight_start, grad_weight_row_stride, columns)
     if taps == 6:
         _reduce_tile_6(*arguments)
     elif taps == 4:
