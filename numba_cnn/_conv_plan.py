@@ -114,6 +114,10 @@ class ForwardPlan:
         self.filters_padded = round_up(self.filters_per_group, ROW_TILE)
         # output pixels computed per image: whole grid rows, rounded to full vectors
         self.out_len = round_up(g.out_height * self.grid_w, 16)
+        # unpack_phases' description of the output grid: one phase, a crop
+        self.phase_table = np.zeros((1, 1), dtype=np.int64)
+        self.phase_starts = self.first_rows = np.zeros(1, dtype=np.int64)
+        self.phase_lengths = np.array([self.out_len], dtype=np.int64)
         kh = np.arange(kh_count)[:, None]
         kw = np.arange(kw_count)[None, :]
         phase = ((kh * dh) % sh) * sw + (kw * dw) % sw
@@ -217,6 +221,17 @@ class InputGradPlan:
             phase_rows * self.grid_w, 16)
         self.zero_offset = g.out_channels * self.image_len  # in the image-major grid
         self.phases = self._phase_taps()
+        # the phases' output grids, one after another in one buffer (unpack_phases reads them
+        # all at once): phase_table[a, b] is the index of phase (a, b), -1 if it has no taps
+        self.phase_table = np.full((sh, sw), -1, dtype=np.int64)
+        for index, (phase_h, phase_w, *_) in enumerate(self.phases):
+            self.phase_table[phase_h, phase_w] = index
+        self.first_rows = np.array([phase[4] for phase in self.phases], dtype=np.int64)
+        self.phase_lengths = np.array([phase[5] for phase in self.phases], dtype=np.int64)
+        grid_sizes = g.groups * self.channels_padded * g.batch * self.phase_lengths
+        # each phase's grid starts on a cache line (its lengths are whole vectors)
+        self.phase_starts = np.concatenate([[0], np.cumsum(grid_sizes)[:-1]]).astype(np.int64)
+        self.grids_len = int(grid_sizes.sum())
 
     @staticmethod
     @functools.lru_cache(maxsize=64)

@@ -16,7 +16,7 @@ from . import _args
 from ._threads import threads_for
 from ._conv_plan import ForwardPlan, InputGradPlan, aligned_empty
 from ._kernels.conv2d import correlate, correlate_grad_weight, ROW_TILE, TAP_TILE
-from ._kernels.layout import unpack_phase
+from ._kernels.layout import unpack_phases
 
 # Pooling lives in its own module (validation section + ops); this is the public surface.
 from ._pooling import (avg_pool2d, avg_pool2d_backward, global_avg_pool2d,  # noqa: E402
@@ -65,8 +65,9 @@ def _conv2d_forward(x, weight, bias, geometry):
     correlate(grid.data, grid.image_stride, plan.offsets, matrix, out_grid)
     y = np.empty(geometry.output_shape, dtype=x.dtype)
     bias_values = np.zeros(geometry.out_channels, x.dtype) if bias is None else bias
-    unpack_phase(out_grid, y, plan.filters_per_group, plan.filters_padded, plan.grid_w, 1, 1, 0,
-                 0, 0, 0, bias_values)
+    unpack_phases(out_grid.reshape(-1), plan.phase_table, plan.phase_starts, plan.phase_lengths,
+                  plan.first_rows, plan.filters_per_group, plan.filters_padded, plan.grid_w, 0,
+                  0, bias_values, y)
     return y
 
 
@@ -77,23 +78,19 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
     plan = InputGradPlan.for_geometry(geometry)
     grid = plan.pack_grad_output(grad_out)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
-    # every position belongs to one stride phase; if each phase has taps, each position is
-    # written once by an unpack (so grad_x needs no zeroing), which adds the bias on the way
-    # (no extra pass over grad_x)
-    every_phase = len(plan.phases) == geometry.stride[0] * geometry.stride[1]
-    grad_x = (np.empty if every_phase else np.zeros)(geometry.input_shape, dtype=grad_out.dtype)
-    fuse_bias = bias is not None and every_phase
-    unpack_bias = bias if fuse_bias else np.zeros(geometry.in_channels, dtype=grad_out.dtype)
-    for phase_h, phase_w, taps_h, taps_w, first_row, out_len, offsets in plan.phases:
+    rows = geometry.groups * plan.channels_padded
+    out_grids = aligned_empty((plan.grids_len,), grad_out.dtype)
+    for (_, _, taps_h, taps_w, _, out_len, offsets), start in zip(plan.phases, plan.phase_starts):
         matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
-        out_grid = aligned_empty((matrix.shape[0], geometry.batch, out_len), grad_out.dtype)
-        correlate(grid.data, grid.image_stride, offsets, matrix, out_grid)
-        unpack_phase(out_grid, grad_x, plan.channels_per_group, plan.channels_padded,
-                     plan.grid_w, geometry.stride[0], geometry.stride[1], phase_h, phase_w,
-                     geometry.pad[0] - first_row * geometry.stride[0], geometry.pad[2],
-                     unpack_bias)
-    if bias is not None and not fuse_bias:
-        grad_x += bias[:, None, None]
+        out_grid = out_grids[start:start + rows * geometry.batch * out_len]
+        correlate(grid.data, grid.image_stride, offsets, matrix,
+                  out_grid.reshape(rows, geometry.batch, out_len))
+    # every position of grad_x is written (the bias alone where a phase has no taps)
+    grad_x = np.empty(geometry.input_shape, dtype=grad_out.dtype)
+    bias_values = np.zeros(geometry.in_channels, grad_out.dtype) if bias is None else bias
+    unpack_phases(out_grids, plan.phase_table, plan.phase_starts, plan.phase_lengths,
+                  plan.first_rows, plan.channels_per_group, plan.channels_padded, plan.grid_w,
+                  geometry.pad[0], geometry.pad[2], bias_values, grad_x)
     return grad_x
 
 

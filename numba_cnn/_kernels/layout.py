@@ -84,27 +84,27 @@ def pack_phases(src, dst, grid_rows, plane_strides, rows_per_group, rows_per_gro
 
 
 @cached_njit(parallel=True)
-def unpack_phase(grid, dst, rows_per_group, rows_per_group_padded, grid_w, stride_h, stride_w,
-                 phase_h, phase_w, pad_top, pad_left, bias):
-    """Write grid values into the positions of ``dst`` (N, rows, H, W) that belong to a phase.
+def unpack_phases(grids, phase_table, phase_starts, phase_lengths, first_rows, rows_per_group,
+                  rows_per_group_padded, grid_w, pad_top, pad_left, bias, dst):
+    """Write every position of ``dst`` (N, rows, H, W) from the stride phases' output grids.
 
-    grid : (rows_padded, N, L). ``dst[n, row, i*sh + a - pad_top, j*sw + b - pad_left] =
-    grid[grid_row, n, i*grid_w + j] + bias[row]`` for every such position inside ``dst``. With
-    stride 1 and zero padding this is a plain crop of the grid to ``dst``'s shape.
-    Plain counted loops and direct 3-D/4-D indexing: per-task views and while loops made this
-    copy run at ~2 GB/s.
+    With ``(sh, sw) = phase_table.shape``, position ``(ih, iw)`` with ``ih + pad_top = i * sh + a``
+    and ``iw + pad_left = j * sw + b`` belongs to phase ``p = phase_table[a, b]``:
+    ``dst[n, row, ih, iw] = grid_p[grid_row, n, (i - first_rows[p]) * grid_w + j] + bias[row]``,
+    where ``grid_p`` is the (rows_padded, N, phase_lengths[p]) array at ``phase_starts[p]`` of
+    the flat ``grids``; a phase without taps (``p == -1``) contributes zero, i.e. ``bias``.
+    Source row ``g * rows_per_group + r`` is grid row ``g * rows_per_group_padded + r``. With one
+    phase and no padding this is a plain crop of the grid to ``dst``'s shape.
+
+    A task writes one (n, row) plane of ``dst``, all its phases, so each cache line of ``dst``
+    is written while in cache (one pass per phase wrote every line of a stride-2 output
+    twice, from memory). Plain counted loops over flat arrays with unsigned indices: no
+    negative-index wraparound code, so LLVM vectorises the unit-stride copy and keeps the
+    strided one lean (per-task views and while loops made this copy run at ~2 GB/s).
     """
     batch, rows, height, width = dst.shape
-    # grid rows/columns whose positions land inside dst: first ones, and how many
-    i0 = (pad_top - phase_h + stride_h - 1) // stride_h
-    j0 = (pad_left - phase_w + stride_w - 1) // stride_w
-    row_count = max(0, (height - (i0 * stride_h + phase_h - pad_top) + stride_h - 1) // stride_h)
-    col_count = max(0, (width - (j0 * stride_w + phase_w - pad_left) + stride_w - 1) // stride_w)
-    ih0 = i0 * stride_h + phase_h - pad_top
-    iw0 = j0 * stride_w + phase_w - pad_left
+    stride_h, stride_w = phase_table.shape
     dst_flat = dst.reshape(-1)
-    grid_flat = grid.reshape(-1)
-    grid_len = grid.shape[2]
     for task in prange(batch * rows):
         task_index = np.int64(task)
         n = task_index // rows
@@ -112,21 +112,35 @@ def unpack_phase(grid, dst, rows_per_group, rows_per_group_padded, grid_w, strid
         group = row // rows_per_group
         grid_row = group * rows_per_group_padded + row - group * rows_per_group
         row_bias = bias[row]
-        for i in range(row_count):
-            source = (i0 + i) * grid_w + j0
-            ih = ih0 + i * stride_h
-            # flat views with unsigned indices: no negative-index wraparound code, so LLVM
-            # vectorises the unit-stride copy (the common case) and keeps the strided one lean
-            dst_start = np.uint64(((n * rows + row) * height + ih) * width + iw0)
-            grid_start = np.uint64((grid_row * batch + n) * grid_len + source)
-            if stride_w == 1:
-                for j in range(col_count):
-                    column = np.uint64(j)
-                    dst_flat[dst_start + column] = grid_flat[grid_start + column] + row_bias
-            else:
-                for j in range(col_count):
-                    dst_flat[dst_start + np.uint64(j * stride_w)] = (
-                        grid_flat[grid_start + np.uint64(j)] + row_bias)
+        plane_start = (n * rows + row) * height * width
+        for a in range(stride_h):
+            # the rows ih = i * sh + a - pad_top inside [0, height): first i, and count
+            i0 = (pad_top - a + stride_h - 1) // stride_h
+            ih0 = i0 * stride_h + a - pad_top
+            row_count = max(0, (height - ih0 + stride_h - 1) // stride_h)
+            for b in range(stride_w):
+                j0 = (pad_left - b + stride_w - 1) // stride_w
+                iw0 = j0 * stride_w + b - pad_left
+                col_count = max(0, (width - iw0 + stride_w - 1) // stride_w)
+                phase = phase_table[a, b]
+                grid_start = 0
+                if phase >= 0:
+                    grid_start = (phase_starts[phase] + (grid_row * batch + n)
+                                  * phase_lengths[phase] + (i0 - first_rows[phase]) * grid_w + j0)
+                for i in range(row_count):
+                    dst_start = np.uint64(plane_start + (ih0 + i * stride_h) * width + iw0)
+                    source = np.uint64(grid_start + i * grid_w)
+                    if phase < 0:
+                        for j in range(col_count):
+                            dst_flat[dst_start + np.uint64(j * stride_w)] = row_bias
+                    elif stride_w == 1:
+                        for j in range(col_count):
+                            column = np.uint64(j)
+                            dst_flat[dst_start + column] = grids[source + column] + row_bias
+                    else:
+                        for j in range(col_count):
+                            dst_flat[dst_start + np.uint64(j * stride_w)] = (
+                                grids[source + np.uint64(j)] + row_bias)
 
 
 @cached_njit(parallel=True)
