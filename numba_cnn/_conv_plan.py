@@ -33,44 +33,32 @@ def aligned_empty(shape, dtype, alignment=64):
 
 
 class Grid:
-    """A packed grid buffer: planes of ``image_len`` pixels, one per (row, phase, image), in a
-    flat 64-byte aligned ``data`` array, with zeros where the kernels read beyond the planes.
-
-    Padding taps read from offset ``zero_offset`` (relative to an image's start, which is
-    ``n * image_stride``), and reads that run past the last plane land in zeros too, so the
-    kernels need no bounds checks. Layouts (``layout.pack_phases`` fills either):
-    - image-major (the correlations): ``[n][row, phase, pixel]``, each image followed by a zero
-      tail of ``read_span`` (+ 64) elements, where its padding taps point; a task reads one
-      image front to back (10-13% faster than row-major on stride-2 layers, which read four
-      phase planes per channel).
-    - row-major (the weight gradient): ``[row, phase, n, pixel]`` and one zero region at the end;
-      ``image_stride = image_len``, so a row's pixels of all images are one run.
+    """A packed grid buffer: planes of ``image_len`` pixels, one per (row, phase), for each image,
+    in a flat 64-byte aligned ``data`` array: ``[n][row, phase, pixel]`` (filled by
+    ``layout.pack_phases``), each image followed by a zero tail of ``read_span`` (+ 64)
+    elements. An image starts at ``n * image_stride``; its padding taps read from offset
+    ``zero_offset`` (relative to that start), and reads that run past its last plane land in its
+    tail, so the kernels need no bounds checks. A task reads one image front to back (10-13%
+    faster than a row-major ``[row, phase, n, pixel]`` layout on stride-2 layers, which read
+    four phase planes per channel).
     """
 
-    def __init__(self, rows, phases, batch, image_len, read_span, dtype, image_major):
+    def __init__(self, rows, phases, batch, image_len, read_span, dtype):
         planes = rows * phases * image_len
-        if image_major:
-            self.image_stride = round_up(planes + read_span + 64, 16)
-            self.zero_offset = planes
-            self.data = aligned_empty((batch * self.image_stride,), dtype)
-            self.data.reshape(batch, self.image_stride)[:, planes:] = 0
-            self.plane_strides = (phases * image_len, image_len, self.image_stride)
-        else:
-            self.image_stride = image_len
-            self.zero_offset = planes * batch
-            self.data = aligned_empty((self.zero_offset + batch * image_len + read_span + 64,),
-                                      dtype)
-            self.data[self.zero_offset:] = 0
-            self.plane_strides = (phases * batch * image_len, batch * image_len, image_len)
+        self.image_stride = round_up(planes + read_span + 64, 16)
+        self.zero_offset = planes
+        self.data = aligned_empty((batch * self.image_stride,), dtype)
+        self.data.reshape(batch, self.image_stride)[:, planes:] = 0
+        self.plane_strides = (phases * image_len, image_len, self.image_stride)
         self.rows = rows
 
 
 def pack_grid(src, rows_per_group, rows_per_group_padded, groups, pad, stride, grid_shape,
-              image_len, read_span, image_major):
+              image_len, read_span):
     """Pack ``src`` (N, rows, H, W) into a new ``Grid`` with phases for ``stride``."""
     grid_h, grid_w = grid_shape
     grid = Grid(groups * rows_per_group_padded, stride[0] * stride[1], src.shape[0], image_len,
-                read_span, src.dtype, image_major)
+                read_span, src.dtype)
     pack_phases(src, grid.data, grid.rows, grid.plane_strides, rows_per_group,
                 rows_per_group_padded, pad[0], pad[1], stride[0], stride[1], grid_h, grid_w,
                 image_len)
@@ -130,20 +118,15 @@ class ForwardPlan:
         tap_planes = (channel[:, :, None, None] * phases + phase[None, None]).reshape(g.groups, -1)
         tap_in_plane = np.broadcast_to(in_plane, (g.groups, self.channels_per_group)
                                        + in_plane.shape).reshape(g.groups, -1)
-        planes = g.in_channels * phases
-        # the correlation reads the image-major input grid (plane stride image_len) ...
-        self.zero_offset = planes * self.image_len
+        self.zero_offset = g.in_channels * phases * self.image_len
         self.offsets = pad_offsets(tap_planes * self.image_len + tap_in_plane, self.zero_offset)
-        # ... the weight-gradient reduction the row-major one (plane stride batch * image_len),
-        # its taps sorted by read position: with strides, the (c, kh, kw) order alternates
-        # between phase planes, while sorted, a tile's taps share planes and so cache lines
-        # (dcgan's weight gradient 16%, res28 stride 2 10% faster). reduce_columns[k] is the
-        # grad_weight column of sorted tap k (the padding taps stay last).
-        self.reduce_zero_offset = planes * g.batch * self.image_len
-        reduce_offsets = pad_offsets(tap_planes * (g.batch * self.image_len) + tap_in_plane,
-                                     self.reduce_zero_offset)
-        self.reduce_columns = np.argsort(reduce_offsets[0], kind="stable")
-        self.reduce_offsets = np.ascontiguousarray(reduce_offsets[:, self.reduce_columns])
+        # The weight-gradient reduction reads the same positions with its taps sorted by read
+        # position: with strides, the (c, kh, kw) order alternates between phase planes, while
+        # sorted, a tile's taps share planes and so cache lines (dcgan's weight gradient 16%,
+        # res28 stride 2 10% faster). reduce_columns[k] is the grad_weight column of sorted
+        # tap k (the padding taps stay last).
+        self.reduce_columns = np.argsort(self.offsets[0], kind="stable")
+        self.reduce_offsets = np.ascontiguousarray(self.offsets[:, self.reduce_columns])
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
@@ -151,12 +134,11 @@ class ForwardPlan:
         """The plan for ``geometry``, built once: training repeats the same shapes."""
         return ForwardPlan(geometry)
 
-    def pack_input(self, x, image_major=True):
-        """The input grid for ``offsets`` (image-major) or ``reduce_offsets`` (row-major)."""
+    def pack_input(self, x):
+        """The input grid that ``offsets`` and ``reduce_offsets`` read."""
         g = self.geometry
         return pack_grid(x, g.in_channels, g.in_channels, 1, (g.pad[0], g.pad[2]), g.stride,
-                         (self.grid_h, self.grid_w), self.image_len, self.read_span,
-                         image_major)
+                         (self.grid_h, self.grid_w), self.image_len, self.read_span)
 
     def weight_matrix(self, weight):
         """The (G * filters_padded, Kp) weight matrix of ``weight`` matching ``offsets``."""
@@ -171,19 +153,15 @@ class ForwardPlan:
         return matrix.reshape(g.groups * self.filters_padded, columns)
 
     def pack_grad_output(self, grad_out):
-        """grad_out (N, F, OH, OW) -> (G * filters_padded, Q), zero off the outputs.
-
-        ``Q`` is ``N * image_len`` rounded up to whole vectors (the rest zero): every row then
-        starts on a cache line and no pixel is left for the kernel's scalar tail.
-        """
+        """grad_out (N, F, OH, OW) -> (G * filters_padded, N, out_len), laid out as the forward's
+        output grid (the positions the weight-gradient reduction pairs with the input grid),
+        zero off the outputs."""
         g = self.geometry
         rows = g.groups * self.filters_padded
-        length = g.batch * self.image_len
-        grid = aligned_empty((rows, round_up(length, 16)), grad_out.dtype)
-        grid[:, length:] = 0
-        pack_phases(grad_out, grid.reshape(-1), rows, (grid.shape[1], 0, self.image_len),
-                    self.filters_per_group, self.filters_padded, 0, 0, 1, 1, self.grid_h,
-                    self.grid_w, self.image_len)
+        grid = aligned_empty((rows, g.batch, self.out_len), grad_out.dtype)
+        pack_phases(grad_out, grid.reshape(-1), rows, (g.batch * self.out_len, 0, self.out_len),
+                    self.filters_per_group, self.filters_padded, 0, 0, 1, 1, g.out_height,
+                    self.grid_w, self.out_len)
         return grid
 
 
@@ -274,7 +252,7 @@ class InputGradPlan:
         g = self.geometry
         return pack_grid(grad_out, g.out_channels, g.out_channels, 1,
                          (self.margin_h, self.margin_w), (1, 1), (self.grid_h, self.grid_w),
-                         self.image_len, self.read_span, image_major=True)
+                         self.image_len, self.read_span)
 
     def weight_matrix(self, weight, taps_h, taps_w, columns):
         """The (G * channels_padded, columns) matrix of one phase: rows are input channels,

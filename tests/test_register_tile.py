@@ -7,7 +7,7 @@ directly, so every tile width (1..VECTORS vectors) and both row counts run on ra
 import numpy as np
 import pytest
 
-from numba_cnn._kernels.conv2d import PIXEL_BLOCK, _check_reads, correlate, correlate_grad_weight
+from numba_cnn._kernels.conv2d import _check_reads, correlate, correlate_grad_weight
 from numba_cnn._kernels.register_tile import VECTOR_BYTES, VECTORS
 
 
@@ -80,22 +80,32 @@ def test_range_check_catches_reads_past_the_input(rng):
         _check_reads(src, offsets, last_start, length)
 
 
+PIXEL_BLOCK = 2048  # the weight gradient's block in the tests
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("taps", [4, 8, 12, 20])  # tiles of 6 taps and the 2- and 4-tap rests
-@pytest.mark.parametrize("length", [16, 37, PIXEL_BLOCK + 23])  # pixels after the last vector
+# blocks of several whole images (2048 // 48 = 42 images: two blocks for 50), one image, or an
+# image in two or three parts
+@pytest.mark.parametrize("batch, length", [(1, 16), (50, 48), (3, PIXEL_BLOCK + 512),
+                                           (2, 3 * PIXEL_BLOCK - 16)])
 @pytest.mark.parametrize("tiles_per_task, tap_splits", [(1, 1), (1, 3), (3, 2)])
-def test_grad_weight_kernel_matches_formula(taps, length, tiles_per_task, tap_splits, dtype,
-                                            rng):
+def test_grad_weight_kernel_matches_formula(taps, batch, length, tiles_per_task, tap_splits,
+                                            dtype, rng):
     rows, groups = 16, 2  # 4 row tiles: with 3 per task, the second task has one
-    src = rng.standard_normal(3 * length + 64).astype(dtype)
+    image_stride = 3 * length + 5
+    src = rng.standard_normal(batch * image_stride).astype(dtype)
     offsets = rng.integers(0, 2 * length, size=(groups, taps)).astype(np.int64)
-    grad = rng.standard_normal((rows, length)).astype(dtype)
+    grad = rng.standard_normal((rows, batch, length)).astype(dtype)
     columns = rng.permutation(taps).astype(np.int64)  # tap k's result goes to columns[k]
     grad_weight = np.full((rows, taps), np.nan, dtype=dtype)  # every entry must be written
-    correlate_grad_weight(src, offsets, columns, grad, grad_weight, tiles_per_task, tap_splits)
+    correlate_grad_weight(src, image_stride, offsets, columns, grad, grad_weight, PIXEL_BLOCK,
+                          tiles_per_task, tap_splits)
     expected = np.empty((rows, taps))
     for r in range(rows):
         for k, offset in enumerate(offsets[r // (rows // groups)]):
-            expected[r, columns[k]] = grad[r].astype(np.float64) @ src[offset:offset + length]
+            expected[r, columns[k]] = sum(
+                grad[r, n].astype(np.float64) @ src[n * image_stride + offset:][:length]
+                for n in range(batch))
     np.testing.assert_allclose(grad_weight, expected, rtol=1e-4 if dtype == np.float32 else 1e-11,
                                atol=1e-3 if dtype == np.float32 else 1e-11)

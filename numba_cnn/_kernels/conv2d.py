@@ -14,9 +14,11 @@ correlation runs ``register_tile``'s micro-kernel: ROW_TILE output rows x up to 
 pixels, accumulated in registers over all taps (per tap: 6 input loads, 4 weight broadcasts,
 24 FMAs); the sum over taps runs in tap order, one FMA per term.
 
-The weight gradient is the matching reduction over all pixels of all images:
+The weight gradient is the matching reduction over the same positions, all pixels of all
+images:
 
-    grad_weight[r, columns[k]] = sum_q  grad[r, q] * src[offsets[group(r), k] + q]
+    grad_weight[r, columns[k]] = sum_{n, p}  grad[r, n, p]
+                                             * src[n * src_image_stride + offsets[group(r), k] + p]
 
 with ``grad`` zero outside valid output positions, so the spare grid columns contribute nothing.
 ``columns`` (a permutation) lets the plan hand the taps over sorted by where they read.
@@ -39,10 +41,6 @@ from .register_tile import (REDUCE_TAPS, SOURCE_FINGERPRINT, VECTOR_BYTES, VECTO
                             run_reduce_tile_4_rows, run_tile_1_row, run_tile_4_rows)
 
 TAP_TILE = 4
-# Pixels per block of the weight-gradient reduction (best of 256-4096 on res56/28/14, mnist1/2):
-# the block's gradient rows stay in cache across the tap tiles; smaller blocks pay the tiles'
-# lane sums and setup more often.
-PIXEL_BLOCK = 2048
 
 # The IR tiles do not index through Numba, so under NUMBA_BOUNDSCHECK the drivers check their
 # ranges once per call.
@@ -123,23 +121,25 @@ def _build_drivers(build):
                 pixel += vectors * lanes
 
     @cached_njit(parallel=True)
-    def correlate_grad_weight(src, offsets, columns, grad, grad_weight, tiles_per_task,
-                              tap_splits):
-        """Set ``grad_weight[r, columns[k]] = sum_q grad[r, q] * src[offsets[group(r), k] + q]``.
+    def correlate_grad_weight(src, src_image_stride, offsets, columns, grad, grad_weight,
+                              pixel_block, tiles_per_task, tap_splits):
+        """Set ``grad_weight[r, columns[k]] = sum_{n, p} grad[r, n, p]
+        * src[n * src_image_stride + offsets[group(r), k] + p]``: the adjoint of ``correlate``,
+        which reads the same positions.
 
-        src : 1-D packed input; offsets : (G, K) int64; columns : (K,) int64, a permutation of
-        ``range(K)``; grad : (R, Q), zero at positions that are not valid outputs;
-        grad_weight : (R, K), overwritten.
+        src : 1-D packed input, as for ``correlate``; offsets : (G, K) int64; columns : (K,)
+        int64, a permutation of ``range(K)``; grad : (R, N, L), zero at positions that are not
+        valid outputs, ``L`` a multiple of the vector length; grad_weight : (R, K), overwritten.
         A task owns ``tiles_per_task`` tiles of 4 rows of ``grad_weight`` and one of
         ``tap_splits`` ranges of its taps (disjoint, so no races). It walks the pixels in blocks
-        of PIXEL_BLOCK: the block's gradient rows stay in cache while every tile of 6 taps of
-        the range is reduced against them in registers, row tile by row tile (``register_tile``:
-        24 vector accumulators, summed across lanes at the end of the block), so the tap tile's
-        input rows are read from memory once per task; pixels after the last whole vector are
-        added one by one. The summation order is fixed by the block structure alone, so the
-        result does not depend on the number of threads.
+        of about ``pixel_block`` (whole images, or an image in parts): the block's gradient rows
+        stay in cache while every tile of 6 taps of the range is reduced against them in
+        registers, row tile by row tile (``register_tile``: 24 vector accumulators over the
+        block's images, summed across lanes at the end of the block), so the tap tile's input
+        rows are read from memory once per task. The summation order is fixed by the block
+        structure alone, so the result does not depend on the number of threads.
         """
-        rows, length = grad.shape
+        rows, batch, length = grad.shape
         taps = grad_weight.shape[1]
         rows_per_group = rows // offsets.shape[0]
         row_tiles = rows // ROW_TILE
@@ -150,9 +150,14 @@ def _build_drivers(build):
         grad_weight_flat = grad_weight.reshape(-1)
         offsets_flat = offsets.reshape(-1)
         lanes = VECTOR_BYTES // src.itemsize
+        image_vectors = length // lanes
+        # a block is `block_images` whole images, or one image in `image_parts` parts
+        image_parts = max(1, (length + pixel_block // 2) // pixel_block)
+        block_images = max(1, min(batch, pixel_block // max(length, 1)))
+        image_blocks = (batch + block_images - 1) // block_images
         zero = grad_weight.dtype.type(0)
         if build[0]:  # NUMBA_BOUNDSCHECK
-            _check_reads(src, offsets, 0, length)
+            _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
         for task in prange(row_sets * tap_splits):
             task_index = np.int64(task)
             row_set = task_index // tap_splits
@@ -164,26 +169,25 @@ def _build_drivers(build):
             for r in range(first_row, stop_row):
                 for k in range(first_tap, last_tap):
                     grad_weight[r, columns[k]] = zero
-            for block_start in range(0, length, PIXEL_BLOCK):
-                block_len = min(PIXEL_BLOCK, length - block_start)
-                vectors = block_len // lanes
-                for k0 in range(first_tap, last_tap, REDUCE_TAPS):
-                    tile_taps = min(REDUCE_TAPS, last_tap - k0)
-                    # the tile's input rows are reused from cache by every row tile of the set
-                    for r0 in range(first_row, stop_row, ROW_TILE):
-                        group_start = (r0 // rows_per_group) * taps
-                        run_reduce_tile_4_rows(
-                            tile_taps, src, block_start, offsets_flat[group_start + k0:], grad_flat,
-                            r0 * length + block_start, length, vectors, grad_weight_flat,
-                            r0 * taps, taps, columns[k0:])
-                # the last block's pixels after its whole vectors
-                for pixel in range(block_start + vectors * lanes, block_start + block_len):
-                    for r in range(first_row, stop_row):
-                        value = grad_flat[r * length + pixel]
-                        group_start = (r // rows_per_group) * taps
-                        for k in range(first_tap, last_tap):
-                            grad_weight[r, columns[k]] += (
-                                value * src[offsets_flat[group_start + k] + pixel])
+            for image_block in range(image_blocks):
+                first_image = image_block * block_images
+                images = min(block_images, batch - first_image)
+                pixel = 0
+                for part in range(image_parts):
+                    vectors = _tile_width(image_vectors, image_parts, part)
+                    for k0 in range(first_tap, last_tap, REDUCE_TAPS):
+                        tile_taps = min(REDUCE_TAPS, last_tap - k0)
+                        # the tile's input rows are reused from cache by every row tile of
+                        # the set
+                        for r0 in range(first_row, stop_row, ROW_TILE):
+                            group_start = (r0 // rows_per_group) * taps
+                            run_reduce_tile_4_rows(
+                                tile_taps, src, first_image * src_image_stride + pixel,
+                                src_image_stride, offsets_flat[group_start + k0:], grad_flat,
+                                (r0 * batch + first_image) * length + pixel, batch * length,
+                                length, images, vectors, grad_weight_flat, r0 * taps, taps,
+                                columns[k0:])
+                    pixel += vectors * lanes
 
     return correlate, correlate_grad_weight
 

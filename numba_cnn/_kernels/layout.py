@@ -4,10 +4,9 @@ A grid stores each row (a channel, or a filter) of each image as ``grid_h x grid
 row-major, in a slot of ``image_len`` elements (``>= grid_h * grid_w``; the rest is zero). With
 stride ``(sh, sw)`` the padded input is split into ``sh * sw`` phase planes,
 ``plane(a, b)[i, j] = padded[i * sh + a, j * sw + b]``, so that a strided convolution reads every
-tap at unit stride. Two layouts (see ``_conv_plan.Grid``): image-major, ``[n, row, phase,
-pixel]`` with a zero tail after each image, for the correlations (a task reads one image's
-planes front to back); row-major, ``[row, phase, n, pixel]``, for the weight-gradient
-reduction (a row's pixels of all images are one contiguous run).
+tap at unit stride. The caller chooses where each plane goes: the input grids
+(``_conv_plan.Grid``) are ``[n, row, phase, pixel]`` with a zero tail after each image; the
+weight gradient's output-gradient grid is ``[row, n, pixel]``.
 
 These helpers are shared by every convolution family, so they compile once per dtype.
 """

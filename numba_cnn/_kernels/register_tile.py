@@ -177,44 +177,54 @@ def _build_tile(rows, vectors):
 
 
 def _build_reduce_tile(rows, taps):
-    """An intrinsic ``reduce_tile(src, src_start, offsets, grad, grad_start, grad_row_stride,
-    vectors, grad_weight, grad_weight_start, grad_weight_row_stride, columns)`` adding
+    """An intrinsic ``reduce_tile(src, src_start, src_image_stride, offsets, grad, grad_start,
+    grad_row_stride, grad_image_stride, images, vectors, grad_weight, grad_weight_start,
+    grad_weight_row_stride, columns)`` adding
 
-        sum_{p < vectors * LANES} grad[grad_start + r * grad_row_stride + p]
-                                  * src[src_start + offsets[t] + p]
+        sum_{n < images, p < vectors * LANES}
+            grad[grad_start + r * grad_row_stride + n * grad_image_stride + p]
+            * src[src_start + n * src_image_stride + offsets[t] + p]
 
     to ``grad_weight[grad_weight_start + r * grad_weight_row_stride + columns[t]]`` for
     ``r < rows``, ``t < taps`` (``offsets`` and ``columns`` start at the tile's first tap; the
     columns let the caller order the taps by where they read). The ``rows * taps`` vector
-    accumulators stay in registers over the pixels (per vector: ``rows + taps`` loads,
-    ``rows * taps`` FMAs); each is then summed across its lanes by halving, in a fixed order.
+    accumulators stay in registers over the pixels of all the images (per vector: ``rows +
+    taps`` loads, ``rows * taps`` FMAs); each is then summed across its lanes by halving, in a
+    fixed order.
     """
     @intrinsic
-    def reduce_tile(typingctx, src, src_start, offsets, grad, grad_start, grad_row_stride,
-                    vectors, grad_weight, grad_weight_start, grad_weight_row_stride, columns):
+    def reduce_tile(typingctx, src, src_start, src_image_stride, offsets, grad, grad_start,
+                    grad_row_stride, grad_image_stride, images, vectors, grad_weight,
+                    grad_weight_start, grad_weight_row_stride, columns):
         index = types.int64
-        signature = types.void(src, index, offsets, grad, index, index, index, grad_weight,
-                               index, index, columns)
+        signature = types.void(src, index, index, offsets, grad, index, index, index, index,
+                               index, grad_weight, index, index, columns)
 
         def codegen(context, builder, signature, args):
-            (_, src_start, _, _, grad_start, grad_row_stride, vectors, _, grad_weight_start,
-             grad_weight_row_stride, _) = args
+            (_, src_start, src_image_stride, _, _, grad_start, grad_row_stride,
+             grad_image_stride, images, vectors, _, grad_weight_start, grad_weight_row_stride,
+             _) = args
             emit = _Emitter(context, builder, signature, args)
-            src_tile = builder.gep(emit.data(0), [src_start])
-            offsets_data = emit.data(2)
-            tap_sources = [builder.gep(src_tile, [builder.load(
-                builder.gep(offsets_data, [emit.constant(t)]))]) for t in range(taps)]
-            grad_rows = emit.rows(3, grad_start, grad_row_stride, rows)
+            offsets_data = emit.data(3)
+            tap_offsets = [builder.load(builder.gep(offsets_data, [emit.constant(t)]))
+                           for t in range(taps)]
             accumulators = emit.accumulators(rows, taps)
-            with cgutils.for_range(builder, vectors) as loop:
-                pixel = builder.mul(loop.index, emit.constant(emit.lanes))
-                grads = [emit.load_vector(base, pixel) for base in grad_rows]
-                inputs = [emit.load_vector(base, pixel) for base in tap_sources]
-                for r in range(rows):
-                    for t in range(taps):
-                        emit.accumulate(accumulators[r][t], grads[r], inputs[t])
-            weight_rows = emit.rows(7, grad_weight_start, grad_weight_row_stride, rows)
-            columns_data = emit.data(10)
+            with cgutils.for_range(builder, images) as image_loop:
+                image = image_loop.index
+                src_image = builder.gep(emit.data(0), [builder.add(
+                    src_start, builder.mul(image, src_image_stride))])
+                tap_sources = [builder.gep(src_image, [offset]) for offset in tap_offsets]
+                grad_rows = emit.rows(4, builder.add(grad_start, builder.mul(
+                    image, grad_image_stride)), grad_row_stride, rows)
+                with cgutils.for_range(builder, vectors) as loop:
+                    pixel = builder.mul(loop.index, emit.constant(emit.lanes))
+                    grads = [emit.load_vector(base, pixel) for base in grad_rows]
+                    inputs = [emit.load_vector(base, pixel) for base in tap_sources]
+                    for r in range(rows):
+                        for t in range(taps):
+                            emit.accumulate(accumulators[r][t], grads[r], inputs[t])
+            weight_rows = emit.rows(10, grad_weight_start, grad_weight_row_stride, rows)
+            columns_data = emit.data(13)
             tap_columns = [builder.load(builder.gep(columns_data, [emit.constant(t)]))
                            for t in range(taps)]
             for r, row in enumerate(weight_rows):
@@ -231,19 +241,21 @@ def _build_reduce_tile(rows, taps):
 
 def _python_reduce_tile(rows, taps):
     """``_build_reduce_tile``'s computation in NumPy, for runs with NUMBA_DISABLE_JIT."""
-    def reduce_tile(src, src_start, offsets, grad, grad_start, grad_row_stride, vectors,
-                    grad_weight, grad_weight_start, grad_weight_row_stride, columns):
+    def reduce_tile(src, src_start, src_image_stride, offsets, grad, grad_start,
+                    grad_row_stride, grad_image_stride, images, vectors, grad_weight,
+                    grad_weight_start, grad_weight_row_stride, columns):
         width = vectors * (VECTOR_BYTES // src.itemsize)
         for r in range(rows):
-            grad_row = grad_start + r * grad_row_stride
-            _check_range(grad, grad_row, grad_row + width)
             for t in range(taps):
-                start = src_start + offsets[t]
-                _check_range(src, start, start + width)
                 position = grad_weight_start + r * grad_weight_row_stride + columns[t]
                 _check_range(grad_weight, position, position + 1)
-                grad_weight[position] += np.dot(grad[grad_row:grad_row + width],
-                                                src[start:start + width])
+                for n in range(images):
+                    grad_row = grad_start + r * grad_row_stride + n * grad_image_stride
+                    _check_range(grad, grad_row, grad_row + width)
+                    start = src_start + n * src_image_stride + offsets[t]
+                    _check_range(src, start, start + width)
+                    grad_weight[position] += np.dot(grad[grad_row:grad_row + width],
+                                                    src[start:start + width])
     return reduce_tile
 
 
@@ -314,12 +326,13 @@ _reduce_tile_6, _reduce_tile_4, _reduce_tile_2 = (_build_reduce(ROWS, taps) for 
 
 
 @njit(inline="always")
-def run_reduce_tile_4_rows(taps, src, src_start, offsets, grad, grad_start, grad_row_stride,
-                           vectors, grad_weight, grad_weight_start, grad_weight_row_stride,
-                           columns):
+def run_reduce_tile_4_rows(taps, src, src_start, src_image_stride, offsets, grad, grad_start,
+                           grad_row_stride, grad_image_stride, images, vectors, grad_weight,
+                           grad_weight_start, grad_weight_row_stride, columns):
     """The weight-gradient tile of ROWS rows x ``taps`` (6, 4 or 2) taps."""
-    arguments = (src, src_start, offsets, grad, grad_start, grad_row_stride, vectors,
-                 grad_weight, grad_weight_start, grad_weight_row_stride, columns)
+    arguments = (src, src_start, src_image_stride, offsets, grad, grad_start, grad_row_stride,
+                 grad_image_stride, images, vectors, grad_weight, grad_weight_start,
+                 grad_weight_row_stride, columns)
     if taps == 6:
         _reduce_tile_6(*arguments)
     elif taps == 4:
