@@ -10,11 +10,12 @@ Conventions for every operation (see also the package README):
 """
 import functools
 
+import numba
 import numpy as np
 
 from . import _args
 from ._threads import threads_for
-from ._conv_plan import ForwardPlan, InputGradPlan, aligned_empty
+from ._conv_plan import ForwardPlan, InputGradPlan, aligned_empty, correlation_blocking
 from ._kernels.conv2d import correlate, correlate_grad_weight, ROW_TILE, TAP_TILE
 from ._kernels.layout import unpack_phases
 
@@ -56,6 +57,16 @@ def _threads_by_geometry(conv_pass):
     return run
 
 
+def _blocking(block_shape, grid, matrix, out_grid):
+    """``correlate``'s (tap_block, tiles_per_task) for ``matrix`` on ``grid`` into ``out_grid``."""
+    rows, taps = matrix.shape
+    _, batch, out_len = out_grid.shape
+    row_tiles = rows // ROW_TILE if rows >= ROW_TILE else rows
+    return correlation_blocking(block_shape, taps, grid.image_stride * grid.data.itemsize,
+                                out_len, row_tiles, batch, grid.data.itemsize,
+                                numba.get_num_threads())
+
+
 @_threads_by_geometry
 def _conv2d_forward(x, weight, bias, geometry, grid=None):
     """Forward convolution of validated, contiguous, same-dtype arrays; ``grid`` is x packed by
@@ -65,7 +76,8 @@ def _conv2d_forward(x, weight, bias, geometry, grid=None):
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     matrix = plan.weight_matrix(weight)
     out_grid = aligned_empty((matrix.shape[0], geometry.batch, plan.out_len), x.dtype)
-    correlate(grid.data, grid.image_stride, plan.offsets, matrix, out_grid)
+    correlate(grid.data, grid.image_stride, plan.offsets, matrix, out_grid,
+              *_blocking(plan.block_shape, grid, matrix, out_grid))
     y = np.empty(geometry.output_shape, dtype=x.dtype)
     bias_values = np.zeros(geometry.out_channels, x.dtype) if bias is None else bias
     unpack_phases(out_grid.reshape(-1), plan.phase_table, plan.phase_starts, plan.phase_lengths,
@@ -83,11 +95,13 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     rows = geometry.groups * plan.channels_padded
     out_grids = aligned_empty((plan.grids_len,), grad_out.dtype)
-    for (_, _, taps_h, taps_w, _, out_len, offsets), start in zip(plan.phases, plan.phase_starts):
+    for (_, _, taps_h, taps_w, _, out_len, offsets, block_shape), start in zip(
+            plan.phases, plan.phase_starts):
         matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
         out_grid = out_grids[start:start + rows * geometry.batch * out_len]
-        correlate(grid.data, grid.image_stride, offsets, matrix,
-                  out_grid.reshape(rows, geometry.batch, out_len))
+        out_grid = out_grid.reshape(rows, geometry.batch, out_len)
+        correlate(grid.data, grid.image_stride, offsets, matrix, out_grid,
+                  *_blocking(block_shape, grid, matrix, out_grid))
     # every position of grad_x is written (the bias alone where a phase has no taps)
     grad_x = np.empty(geometry.input_shape, dtype=grad_out.dtype)
     bias_values = np.zeros(geometry.in_channels, grad_out.dtype) if bias is None else bias

@@ -36,24 +36,28 @@ def random_correlation(rng, dtype, rows, groups, vectors):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("vectors", range(1, 2 * VECTORS + 2))
-@pytest.mark.parametrize("rows, groups", [(8, 2), (3, 3), (6, 2)],
-                         ids=["4_row_tiles", "1_row_groups", "3_row_groups"])
-def test_correlation_kernel_matches_formula(rows, groups, vectors, dtype, rng):
+@pytest.mark.parametrize("rows, groups", [(8, 2), (3, 3), (6, 2), (16, 1)],
+                         ids=["4_row_tiles", "1_row_groups", "3_row_groups", "4_tiles"])
+# all 8 taps at once, or blocks of 3 (3 + 3 + 2) or 5; 1, 2 or 3 row tiles per task
+@pytest.mark.parametrize("tap_block, tiles_per_task", [(8, 1), (3, 2), (5, 3)])
+def test_correlation_kernel_matches_formula(rows, groups, vectors, tap_block, tiles_per_task,
+                                            dtype, rng):
     src, image_stride, offsets, weight, out_shape = random_correlation(
         rng, dtype, rows, groups, vectors)
     out = np.full(out_shape, np.nan, dtype=dtype)  # every position must be written
-    correlate(src, image_stride, offsets, weight, out)
+    correlate(src, image_stride, offsets, weight, out, tap_block, tiles_per_task)
     expected = correlation_by_formula(src, image_stride, offsets, weight, out_shape)
     np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_tile_sums_taps_in_order_with_one_fma_each(dtype, rng):
+@pytest.mark.parametrize("tap_block", [8, 3])  # tap blocks continue the sum from ``out``
+def test_tile_sums_taps_in_order_with_one_fma_each(tap_block, dtype, rng):
     """The tile's documented rounding: out = fma(x_k, w_k, out) for k = 0, 1, ... from zero."""
     src, image_stride, offsets, weight, out_shape = random_correlation(rng, dtype, 4, 1, 2)
     out = np.empty(out_shape, dtype=dtype)
-    correlate(src, image_stride, offsets, weight, out)
+    correlate(src, image_stride, offsets, weight, out, tap_block, 1)
     expected = np.zeros(out_shape[2], dtype=np.float64)
     for k, offset in enumerate(offsets[0]):
         # an FMA rounds once: exact product + sum, rounded to dtype (float64 products of float32

@@ -73,7 +73,7 @@ def _build_drivers(build):
     the key an edited tile module (or a bounds-checked run) would load stale cached code.
     """
     @cached_njit(parallel=True)
-    def correlate(src, src_image_stride, offsets, weight, out):
+    def correlate(src, src_image_stride, offsets, weight, out, tap_block, tiles_per_task):
         """Set ``out`` to the multi-tap correlation.
 
         src : 1-D, the packed input (see module docstring), with zeros for padding taps.
@@ -81,16 +81,24 @@ def _build_drivers(build):
         offsets : (G, K) int64; weight : (R, K); out : (R, N, L), C-contiguous, overwritten; ``L``
         a multiple of the vector length (16 float32). All ``L`` positions of every output row
         are computed, a register tile (``register_tile``) at a time: ROW_TILE rows x up to
-        VECTORS vectors of pixels, reduced over all K taps in registers. Groups of fewer rows
+        VECTORS vectors of pixels, reduced over the taps in registers. Groups of fewer rows
         than ROW_TILE (a single-channel input gradient, a depthwise convolution; padding them
         to 4 rows would do 4x the work) run one row per task, at a lower FMA rate (a vector
         load per FMA).
+
+        A task owns one image and ``tiles_per_task`` row tiles. For each pixel tile it runs the
+        taps in blocks of ``tap_block``, each block through all its row tiles, the later blocks
+        continuing the sums in ``out``: the input a tap block reads for one pixel tile fits L1
+        and is reused by every row tile (all taps at once stream it from L2 once per row tile,
+        too often on strided layers, whose taps read four planes per channel). The taps are
+        still summed in order, so the result does not depend on the blocking.
         """
         rows, batch, length = out.shape
         taps = weight.shape[1]
         rows_per_group = rows // offsets.shape[0]
-        rows_per_task = ROW_TILE if rows_per_group % ROW_TILE == 0 else 1
-        row_tasks = rows // rows_per_task
+        rows_per_tile = ROW_TILE if rows_per_group % ROW_TILE == 0 else 1
+        row_tiles = rows // rows_per_tile
+        row_sets = (row_tiles + tiles_per_task - 1) // tiles_per_task
         out_flat = out.reshape(-1)
         offsets_flat = offsets.reshape(-1)
         weight_flat = weight.reshape(-1)
@@ -99,25 +107,31 @@ def _build_drivers(build):
         tiles = (row_vectors + VECTORS - 1) // VECTORS
         if build[0]:  # NUMBA_BOUNDSCHECK
             _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
-        for task in prange(batch * row_tasks):
+        for task in prange(batch * row_sets):
             task_index = np.int64(task)
-            n = task_index // row_tasks
-            r0 = (task_index - n * row_tasks) * rows_per_task
-            group = r0 // rows_per_group
-            group_offsets = offsets_flat[group * taps:(group + 1) * taps]
+            n = task_index // row_sets
+            first_tile = (task_index - n * row_sets) * tiles_per_task
+            stop_tile = min(first_tile + tiles_per_task, row_tiles)
             src_start = n * src_image_stride
-            out_start = (r0 * batch + n) * length
             pixel = 0
             for tile in range(tiles):
                 vectors = _tile_width(row_vectors, tiles, tile)
-                if rows_per_task == ROW_TILE:
-                    run_tile_4_rows(vectors, src, src_start + pixel, group_offsets,
-                                    weight_flat, r0 * taps, taps, out_flat, out_start + pixel,
-                                    batch * length)
-                else:
-                    run_tile_1_row(vectors, src, src_start + pixel, group_offsets, weight_flat,
-                                   r0 * taps, taps, out_flat, out_start + pixel,
-                                   batch * length)
+                for first_tap in range(0, taps, tap_block):
+                    stop_tap = min(first_tap + tap_block, taps)
+                    for row_tile in range(first_tile, stop_tile):
+                        r0 = row_tile * rows_per_tile
+                        group_taps = (r0 // rows_per_group) * taps
+                        block_offsets = offsets_flat[group_taps + first_tap:
+                                                     group_taps + stop_tap]
+                        out_start = (r0 * batch + n) * length + pixel
+                        if rows_per_tile == ROW_TILE:
+                            run_tile_4_rows(vectors, src, src_start + pixel, block_offsets,
+                                            weight_flat, r0 * taps + first_tap, taps, out_flat,
+                                            out_start, batch * length, first_tap)
+                        else:
+                            run_tile_1_row(vectors, src, src_start + pixel, block_offsets,
+                                           weight_flat, r0 * taps + first_tap, taps, out_flat,
+                                           out_start, batch * length, first_tap)
                 pixel += vectors * lanes
 
     @cached_njit(parallel=True)

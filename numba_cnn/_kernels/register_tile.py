@@ -141,23 +141,31 @@ class _Emitter:
 
 def _build_tile(rows, vectors):
     """An intrinsic ``tile(src, src_start, offsets, weight, weight_start, weight_row_stride, out,
-    out_start, out_row_stride, taps)`` computing the module docstring's formula; the arrays are
-    1-D and contiguous, all starts and strides int64 element counts."""
+    out_start, out_row_stride, taps, accumulate)`` computing the module docstring's formula, or
+    adding it to ``out`` when ``accumulate`` is non-zero (the sum then continues from ``out``'s
+    values: a correlation split into tap blocks adds the same terms in the same order); the
+    arrays are 1-D and contiguous, all starts and strides int64 element counts."""
     @intrinsic
     def tile(typingctx, src, src_start, offsets, weight, weight_start, weight_row_stride, out,
-             out_start, out_row_stride, taps):
+             out_start, out_row_stride, taps, accumulate):
         index = types.int64
-        signature = types.void(src, index, offsets, weight, index, index, out, index, index, index)
+        signature = types.void(src, index, offsets, weight, index, index, out, index, index, index,
+                               index)
 
         def codegen(context, builder, signature, args):
             (_, src_start, _, _, weight_start, weight_row_stride, _, out_start, out_row_stride,
-             taps) = args
+             taps, accumulate) = args
             emit = _Emitter(context, builder, signature, args)
             lanes = emit.lanes
             src_tile = builder.gep(emit.data(0), [src_start])
             offsets_data = emit.data(2)
             weight_rows = emit.rows(3, weight_start, weight_row_stride, rows)
+            out_rows = emit.rows(6, out_start, out_row_stride, rows)
             accumulators = emit.accumulators(rows, vectors)
+            with builder.if_then(builder.icmp_unsigned("!=", accumulate, emit.constant(0))):
+                for r, out_row in enumerate(out_rows):
+                    for v in range(vectors):
+                        builder.store(emit.load_vector(out_row, v * lanes), accumulators[r][v])
             with cgutils.for_range(builder, taps) as loop:
                 tap = loop.index
                 tap_src = builder.gep(src_tile, [builder.load(builder.gep(offsets_data, [tap]))])
@@ -166,7 +174,7 @@ def _build_tile(rows, vectors):
                     weight_value = emit.broadcast(builder.load(builder.gep(weight_rows[r], [tap])))
                     for v in range(vectors):
                         emit.accumulate(accumulators[r][v], inputs[v], weight_value)
-            for r, out_row in enumerate(emit.rows(6, out_start, out_row_stride, rows)):
+            for r, out_row in enumerate(out_rows):
                 for v in range(vectors):
                     emit.store_vector(builder.load(accumulators[r][v]), out_row, v * lanes)
             return context.get_dummy_value()
@@ -268,19 +276,20 @@ def _check_range(array, start, stop):
 def _python_tile(rows, vectors):
     """The same computation in NumPy, for runs with NUMBA_DISABLE_JIT."""
     def tile(src, src_start, offsets, weight, weight_start, weight_row_stride, out, out_start,
-             out_row_stride, taps):
+             out_row_stride, taps, accumulate):
         width = vectors * (VECTOR_BYTES // src.itemsize)
 
         for r in range(rows):
             weight_row = weight_start + r * weight_row_stride
             _check_range(weight, weight_row, weight_row + taps)
-            total = np.zeros(width, dtype=out.dtype)
+            out_row = out_start + r * out_row_stride
+            _check_range(out, out_row, out_row + width)
+            total = (out[out_row:out_row + width].copy() if accumulate
+                     else np.zeros(width, dtype=out.dtype))
             for k in range(taps):
                 start = src_start + offsets[k]
                 _check_range(src, start, start + width)
                 total += src[start:start + width] * weight[weight_row + k]
-            out_row = out_start + r * out_row_stride
-            _check_range(out, out_row, out_row + width)
             out[out_row:out_row + width] = total
     return tile
 
@@ -290,17 +299,17 @@ _build = _python_tile if config.DISABLE_JIT else _build_tile
 
 def _build_runner(rows):
     """``run_tile(vectors, src, src_start, offsets, weight, weight_start, weight_row_stride,
-    out, out_start, out_row_stride)``: the tile of ``rows`` x ``vectors`` (1..6), over all
-    ``offsets.shape[0]`` taps. Each width is its own literal tile (the accumulators' count must
-    be known to LLVM); the branch picks one at run time."""
+    out, out_start, out_row_stride, accumulate)``: the tile of ``rows`` x ``vectors`` (1..6),
+    over all ``offsets.shape[0]`` taps. Each width is its own literal tile (the accumulators'
+    count must be known to LLVM); the branch picks one at run time."""
     tile_1, tile_2, tile_3, tile_4, tile_5, tile_6 = (_build(rows, v) for v in range(1, 7))
 
     @njit(inline="always")
     def run_tile(vectors, src, src_start, offsets, weight, weight_start, weight_row_stride, out,
-                 out_start, out_row_stride):
+                 out_start, out_row_stride, accumulate):
         taps = offsets.shape[0]
         arguments = (src, src_start, offsets, weight, weight_start, weight_row_stride, out,
-                     out_start, out_row_stride, taps)
+                     out_start, out_row_stride, taps, accumulate)
         if vectors == 6:
             tile_6(*arguments)
         elif vectors == 5:
