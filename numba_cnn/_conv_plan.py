@@ -26,10 +26,11 @@ ROW_TILES_PER_TASK = 16
 
 
 def correlation_blocking(block_shape, taps, image_bytes, out_len, row_tiles, batch, itemsize,
-                         threads):
+                         thread_count):
     """(tap_block, tiles_per_task) for ``correlate`` over ``taps`` taps described by
     ``block_shape`` = (taps per input channel, planes per channel, largest in-plane offset),
-    on input images of ``image_bytes`` and output rows of ``out_len`` pixels.
+    on input images of ``image_bytes`` and output rows of ``out_len`` pixels; ``thread_count()``
+    gives the number of threads (asked only when blocking: it costs a microsecond or two).
 
     Blocked, a tap block is as many whole channels as read TAP_BLOCK_BYTES for one pixel tile,
     and a task takes up to ROW_TILES_PER_TASK row tiles, leaving >= 4 tasks per thread.
@@ -42,7 +43,7 @@ def correlation_blocking(block_shape, taps, image_bytes, out_len, row_tiles, bat
         return taps, 1
     channel_bytes = planes_per_channel * (VECTORS * lanes + extent) * itemsize
     tap_block = max(1, TAP_BLOCK_BYTES // channel_bytes) * taps_per_channel
-    tiles_per_task = max(1, min(ROW_TILES_PER_TASK, row_tiles * batch // (4 * threads)))
+    tiles_per_task = max(1, min(ROW_TILES_PER_TASK, row_tiles * batch // (4 * thread_count())))
     return tap_block, tiles_per_task
 
 

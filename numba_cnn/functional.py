@@ -64,7 +64,7 @@ def _blocking(block_shape, grid, matrix, out_grid):
     row_tiles = rows // ROW_TILE if rows >= ROW_TILE else rows
     return correlation_blocking(block_shape, taps, grid.image_stride * grid.data.itemsize,
                                 out_len, row_tiles, batch, grid.data.itemsize,
-                                numba.get_num_threads())
+                                numba.get_num_threads)
 
 
 @_threads_by_geometry
