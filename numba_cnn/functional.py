@@ -57,11 +57,13 @@ def _threads_by_geometry(conv_pass):
     return run
 
 
-def _blocking(block_shape, grid, matrix, out_grid):
+def _blocking(block_shape, grid, offsets, matrix, out_grid):
     """``correlate``'s (tap_block, tiles_per_task) for ``matrix`` on ``grid`` into ``out_grid``."""
     rows, taps = matrix.shape
     _, batch, out_len = out_grid.shape
-    row_tiles = rows // ROW_TILE if rows >= ROW_TILE else rows
+    # correlate's row tiles: 4 rows, or single rows when a group's rows are not a multiple of 4
+    rows_per_group = rows // offsets.shape[0]
+    row_tiles = rows // ROW_TILE if rows_per_group % ROW_TILE == 0 else rows
     return correlation_blocking(block_shape, taps, grid.image_stride * grid.data.itemsize,
                                 out_len, row_tiles, batch, grid.data.itemsize,
                                 numba.get_num_threads)
@@ -77,7 +79,7 @@ def _conv2d_forward(x, weight, bias, geometry, grid=None):
     matrix = plan.weight_matrix(weight)
     out_grid = aligned_empty((matrix.shape[0], geometry.batch, plan.out_len), x.dtype)
     correlate(grid.data, grid.image_stride, plan.offsets, matrix, out_grid,
-              *_blocking(plan.block_shape, grid, matrix, out_grid))
+              *_blocking(plan.block_shape, grid, plan.offsets, matrix, out_grid))
     y = np.empty(geometry.output_shape, dtype=x.dtype)
     bias_values = np.zeros(geometry.out_channels, x.dtype) if bias is None else bias
     unpack_phases(out_grid.reshape(-1), plan.phase_table, plan.phase_starts, plan.phase_lengths,
@@ -101,7 +103,7 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
         out_grid = out_grids[start:start + rows * geometry.batch * out_len]
         out_grid = out_grid.reshape(rows, geometry.batch, out_len)
         correlate(grid.data, grid.image_stride, offsets, matrix, out_grid,
-                  *_blocking(block_shape, grid, matrix, out_grid))
+                  *_blocking(block_shape, grid, offsets, matrix, out_grid))
     # every position of grad_x is written (the bias alone where a phase has no taps)
     grad_x = np.empty(geometry.input_shape, dtype=grad_out.dtype)
     bias_values = np.zeros(geometry.in_channels, grad_out.dtype) if bias is None else bias

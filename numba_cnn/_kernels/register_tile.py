@@ -338,7 +338,9 @@ _reduce_tile_6, _reduce_tile_4, _reduce_tile_2 = (_build_reduce(ROWS, taps) for 
 def run_reduce_tile_4_rows(taps, src, src_start, src_image_stride, offsets, grad, grad_start,
                            grad_row_stride, grad_image_stride, images, vectors, grad_weight,
                            grad_weight_start, grad_weight_row_stride, columns):
-    """The weight-gradient tile of ROWS rows x ``taps`` (6, 4 or 2) taps."""
+    """The weight-gradient tile of ROWS rows x ``taps`` (6, 4 or 2) taps: the driver's tap
+    ranges are multiples of TAP_TILE = 4 cut into REDUCE_TAPS (6 or 2), so no other count
+    occurs."""
     arguments = (src, src_start, src_image_stride, offsets, grad, grad_start, grad_row_stride,
                  grad_image_stride, images, vectors, grad_weight, grad_weight_start,
                  grad_weight_row_stride, columns)
