@@ -9,8 +9,8 @@ import functools
 import numpy as np
 
 from ._kernels.conv2d import ROW_TILE, TAP_TILE
-from ._kernels.layout import gather_phase_weights, pack_phases
-from ._kernels.register_tile import VECTOR_BYTES, VECTORS
+from ._kernels.layout import gather_phase_weights, pack_channel_blocks, pack_phases
+from ._kernels.register_tile import OUTER_TAPS, VECTOR_BYTES, VECTORS
 
 # Correlation blocking (``correlate``'s tap_block and tiles_per_task). Kernel-alone sweeps of
 # 8-48 KB tap blocks and 2-16 row tiles per task, against all taps with one row tile per task:
@@ -23,6 +23,9 @@ BLOCKED_IMAGE_BYTES = 280 * 1024
 # project machine) while every row tile of the task reuses them.
 TAP_BLOCK_BYTES = 24 * 1024
 ROW_TILES_PER_TASK = 16
+# Input bytes per block of the channel-blocked weight gradient: one tap tile's input for the
+# block stays in L1 while every row tile reuses it (see ChannelBlockedPlan).
+BLOCKED_INPUT_BYTES = 32 * 1024
 
 
 def correlation_blocking(block_shape, taps, image_bytes, out_len, row_tiles, batch, itemsize,
@@ -306,3 +309,58 @@ class InputGradPlan:
         matrix = np.empty((g.groups * self.channels_padded, columns), dtype=weight.dtype)
         gather_phase_weights(weight, g.groups, taps_h, taps_w, self.channels_padded, matrix)
         return matrix
+
+
+class ChannelBlockedPlan:
+    """The weight gradient on the channel-blocked input (``conv2d.blocked_grad_weight``).
+
+    The padded input is stored ``(N, CB, H + pads, W + pads, LANES)``: LANES (one vector of
+    the dtype) channels innermost, so that a tap ``(b, kh, kw)`` reads a whole vector of
+    channels per output pixel at a constant offset, and the output gradient is read as given,
+    in rows of OW pixels: no spare grid columns and no packed copy of it. Only for
+    ``groups == 1``; tap ``(b * KH + kh) * KW + kw`` is the k-th entry of ``offsets``.
+    """
+
+    def __init__(self, geometry, itemsize):
+        g = geometry
+        self.geometry = g
+        self.lanes = self.lanes_for(itemsize)
+        self.blocks = -(-g.in_channels // self.lanes)
+        (dh, dw), (kernel_h, kernel_w) = g.dilation, g.kernel
+        block, kh, kw = np.meshgrid(np.arange(self.blocks), np.arange(kernel_h),
+                                    np.arange(kernel_w), indexing="ij")
+        offsets = ((block * g.padded_height + kh * dh) * g.padded_width + kw * dw) * self.lanes
+        # an even number of taps for the tiles of 6, 4 or 2; a padding tap reads real data and
+        # its (discarded) result lands in a column of its own
+        self.offsets = np.zeros(round_up(offsets.size, 2), dtype=np.int64)
+        self.offsets[:offsets.size] = offsets.reshape(-1)
+        # output lines per block, by the input lines they read
+        line_bytes = g.stride[0] * g.padded_width * self.lanes * itemsize
+        self.block_lines = max(1, BLOCKED_INPUT_BYTES // line_bytes)
+
+    @staticmethod
+    def lanes_for(itemsize):
+        """Channels per block: one vector of elements of ``itemsize`` bytes."""
+        return VECTOR_BYTES // itemsize
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def for_geometry(geometry, itemsize):
+        """The plan for ``geometry`` and an element size, built once."""
+        return ChannelBlockedPlan(geometry, itemsize)
+
+    def pack_input(self, x):
+        """x (N, C, H, W) in the channel-blocked layout, padded, on a cache-line boundary."""
+        g = self.geometry
+        blocked = aligned_empty((g.batch, self.blocks, g.padded_height, g.padded_width,
+                                 self.lanes), x.dtype)
+        pack_channel_blocks(x, blocked, g.pad[0], g.pad[2])
+        return blocked
+
+    def splits(self, thread_count):
+        """(row_splits, tap_splits) for ``blocked_grad_weight``: one task per thread, by rows
+        where there are enough row tiles (every task reads all of the input for its taps)."""
+        row_tiles = -(-self.geometry.out_channels // ROW_TILE)
+        tap_tiles = -(-self.offsets.size // OUTER_TAPS)
+        row_splits = min(row_tiles, thread_count)
+        return row_splits, max(1, min(tap_tiles, thread_count // row_splits))

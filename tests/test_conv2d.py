@@ -5,6 +5,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from numba_cnn import _args
 from numba_cnn import functional as F
 from numba_cnn import reference as R
 
@@ -55,6 +56,22 @@ def test_every_output_position_is_written(case, rng, monkeypatch):
     monkeypatch.setattr(F, "np", PoisonedEmptyNumpy())
     x, w, b, g = make_inputs(case, rng, np.float32)
     _check_against_reference(case, x, w, b, g, RTOL[np.float32])
+
+
+WEIGHT_GRADIENT_PATHS = {"grid": 10 ** 9, "channel_blocked": 0}  # CHANNEL_BLOCKED_MIN_FILTERS
+
+
+@pytest.mark.parametrize("path", WEIGHT_GRADIENT_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_both_weight_gradient_paths_match_reference(case, dtype, path, rng, monkeypatch):
+    # the shape rule sends few of these small cases down the channel-blocked path: force each
+    # path (the blocked one needs groups == 1; other cases take the grid either way)
+    monkeypatch.setattr(F, "CHANNEL_BLOCKED_MIN_FILTERS", WEIGHT_GRADIENT_PATHS[path])
+    monkeypatch.setattr(F, "CHANNEL_BLOCKED_MIN_FILL", 0.0)
+    monkeypatch.setattr(F, "np", PoisonedEmptyNumpy())
+    x, w, b, g = make_inputs(case, rng, dtype)
+    _check_against_reference(case, x, w, b, g, RTOL[dtype])
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -293,6 +310,33 @@ def test_nan_propagates_to_exactly_its_windows(case, dtype, rng):
     np.testing.assert_array_equal(np.isnan(y), mask)
     ref = R.conv2d(np.where(np.isnan(x), 0, x), w, b, **case.kwargs)
     assert_close(y[~mask], ref[~mask], RTOL[dtype], "finite outputs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1), dict(padding="same", dilation=2),
+                                    dict(stride=(1, 2), padding=(0, 1), dilation=(2, 1))],
+                         ids=["s2", "same_dil2", "dil_s12"])
+def test_channel_blocked_weight_gradient_has_the_reference_nan_pattern(kwargs, dtype, rng):
+    # the channel-blocked weight gradient reads x only inside valid output windows, so a NaN
+    # makes exactly the entries NaN whose sum reaches it (the grid path may make more NaN)
+    x = rng.standard_normal((2, 16, 9, 8)).astype(dtype)
+    w = rng.standard_normal((16, 16, 3, 3)).astype(dtype)
+    assert F._channel_blocked(_geometry(x, w, kwargs), x.itemsize)
+    x[1, 15, 5, 3] = np.nan
+    x[0, 3, 0, 7] = np.nan
+    g = rng.standard_normal(F.conv2d(x, w, **kwargs).shape).astype(dtype)
+    grad_weight = F.conv2d_backward(g, x, w, **kwargs)[1]
+    with np.errstate(invalid="ignore"):
+        expected = R.conv2d_backward(g, x, w, **kwargs)[1]
+    assert np.isnan(expected).any() and not np.isnan(expected).all()
+    np.testing.assert_array_equal(np.isnan(grad_weight), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    assert_close(grad_weight[finite], expected[finite], RTOL[dtype], "finite entries")
+
+
+def _geometry(x, w, kwargs):
+    return _args.conv2d_geometry(x.shape, w.shape, kwargs.get("stride", 1),
+                                 kwargs.get("padding", 0), kwargs.get("dilation", 1), 1, "test")
 
 
 def test_inf_propagates_like_reference(rng):

@@ -1,5 +1,6 @@
 """The correlation kernels (``_kernels/conv2d.py``) and their IR register tiles, against the
-formula in NumPy, on every tile width and remainder; plus the NUMBA_BOUNDSCHECK range check.
+formula in NumPy, on every tile width and remainder; plus the NUMBA_BOUNDSCHECK range check,
+and the channel-blocked weight gradient with its layout kernels.
 
 The convolution tests reach these kernels through the plans; here the arguments are drawn
 directly, so every tile width (1..VECTORS vectors) and both row counts run on random taps.
@@ -7,7 +8,9 @@ directly, so every tile width (1..VECTORS vectors) and both row counts run on ra
 import numpy as np
 import pytest
 
-from numba_cnn._kernels.conv2d import _check_reads, correlate, correlate_grad_weight
+from numba_cnn._kernels.conv2d import (_check_reads, blocked_grad_weight, correlate,
+                                      correlate_grad_weight)
+from numba_cnn._kernels.layout import pack_channel_blocks, unblock_grad_weight
 from numba_cnn._kernels.register_tile import VECTOR_BYTES, VECTORS
 
 
@@ -113,3 +116,65 @@ def test_grad_weight_kernel_matches_formula(taps, batch, length, tiles_per_task,
                 for n in range(batch))
     np.testing.assert_allclose(grad_weight, expected, rtol=1e-4 if dtype == np.float32 else 1e-11,
                                atol=1e-3 if dtype == np.float32 else 1e-11)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# tiles of OUTER_TAPS taps and the 4- and 2-tap rests
+@pytest.mark.parametrize("taps", [2, 4, 6, 10, 14])
+# 4-row tiles and a 1-row rest, or single rows only
+@pytest.mark.parametrize("rows", [9, 3])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 3)])
+# blocks of one line, of several (the last one partial), or of the whole output
+@pytest.mark.parametrize("block_lines", [1, 2, 50])
+@pytest.mark.parametrize("row_splits, tap_splits", [(1, 1), (2, 1), (1, 3), (3, 2)])
+def test_blocked_grad_weight_kernel_matches_formula(taps, rows, stride, block_lines, row_splits,
+                                                    tap_splits, dtype, rng):
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    batch, blocks, height, width = 2, 2, 9, 11
+    out_height, out_width = 3, 4
+    src = rng.standard_normal((batch, blocks, height, width, lanes)).astype(dtype)
+    # taps read anywhere an output pixel's reads stay inside the image
+    sh, sw = stride
+    reach = ((out_height - 1) * sh * width + (out_width - 1) * sw + 1) * lanes
+    offsets = rng.integers(0, blocks * height * width * lanes - reach, size=taps).astype(np.int64)
+    grad = rng.standard_normal((batch, rows, out_height, out_width)).astype(dtype)
+    grad_weight = np.full((rows, taps, lanes), np.nan, dtype=dtype)  # every entry is written
+    blocked_grad_weight(src, offsets, grad, grad_weight, sh, sw, block_lines, row_splits,
+                        tap_splits)
+    expected = np.empty((rows, taps, lanes))
+    image = src.reshape(batch, -1).astype(np.float64)
+    i, j = np.meshgrid(np.arange(out_height), np.arange(out_width), indexing="ij")
+    pixel_starts = ((i * sh * width + j * sw) * lanes).reshape(-1)
+    for k, offset in enumerate(offsets):
+        reads = image[:, (offset + pixel_starts)[:, None] + np.arange(lanes)]  # (N, pixels, L)
+        expected[:, k] = np.einsum("nrp,npl->rl", grad.reshape(batch, rows, -1), reads)
+    np.testing.assert_allclose(grad_weight, expected, rtol=1e-4 if dtype == np.float32 else 1e-11,
+                               atol=1e-4 if dtype == np.float32 else 1e-11)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [1, 16, 21])  # one partial block, whole blocks, a rest
+def test_pack_channel_blocks(channels, dtype, rng):
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    src = rng.standard_normal((2, channels, 4, 5)).astype(dtype)
+    blocks = -(-channels // lanes)
+    dst = np.full((2, blocks, 4 + 1 + 2, 5 + 3 + 0, lanes), np.nan, dtype=dtype)
+    pack_channel_blocks(src, dst, 1, 3)  # pads: top 1, bottom 2, left 3, right 0
+    padded = np.zeros((2, blocks * lanes, 7, 8), dtype=dtype)
+    padded[:, :channels, 1:5, 3:8] = src
+    expected = padded.reshape(2, blocks, lanes, 7, 8).transpose(0, 1, 3, 4, 2)
+    np.testing.assert_array_equal(dst, expected)
+
+
+@pytest.mark.parametrize("channels", [5, 16, 21])
+def test_unblock_grad_weight(channels, rng):
+    lanes = VECTOR_BYTES // 4
+    blocks, kernel_h, kernel_w, filters = -(-channels // lanes), 2, 3, 3
+    taps = blocks * kernel_h * kernel_w
+    blocked = rng.standard_normal((filters, taps + 1, lanes)).astype(np.float32)  # a padding tap
+    grad_weight = np.empty((filters, channels, kernel_h, kernel_w), dtype=np.float32)
+    unblock_grad_weight(blocked, grad_weight)
+    by_channel = blocked[:, :taps].reshape(filters, blocks, kernel_h, kernel_w, lanes)
+    expected = by_channel.transpose(0, 1, 4, 2, 3).reshape(filters, blocks * lanes, kernel_h,
+                                                            kernel_w)[:, :channels]
+    np.testing.assert_array_equal(grad_weight, expected)

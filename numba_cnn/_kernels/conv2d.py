@@ -23,7 +23,16 @@ images:
 with ``grad`` zero outside valid output positions, so the spare grid columns contribute nothing.
 ``columns`` (a permutation) lets the plan hand the taps over sorted by where they read.
 
-Conventions shared by the kernels (established by ``numba_cnn._conv_plan``):
+The weight gradient of most ungrouped layers runs instead on a channel-blocked copy of the input,
+``(N, CB, H, W, LANES)`` with LANES channels (one vector) innermost (``blocked_grad_weight``):
+
+    grad_weight[r, k, lane] = sum_{n, i, j}  grad[n, r, i, j]
+                              * src[n, (i * stride_h * W + j * stride_w) * LANES + offsets[k] + lane]
+
+It reads the output gradient as given, pixel by pixel, so nothing is computed at spare grid
+columns, and the vector lanes are channels, so no sums across lanes are needed.
+
+Conventions shared by the grid kernels (established by ``numba_cnn._conv_plan``):
 - ``offsets`` is ``(groups, K)`` int64 with ``K`` a multiple of ``TAP_TILE``; padding taps point
   at a zero region of ``src`` and carry zero weights, so they add exact zeros.
 - ``weight`` is ``(R, K)`` with ``R`` a multiple of ``ROW_TILE`` and ``R // groups`` rows per group.
@@ -37,8 +46,9 @@ from numba.core import config
 
 from . import cached_njit
 from .register_tile import ROWS as ROW_TILE
-from .register_tile import (REDUCE_TAPS, SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS,
-                            run_reduce_tile_4_rows, run_tile_1_row, run_tile_4_rows)
+from .register_tile import (OUTER_TAPS, REDUCE_TAPS, SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS,
+                            run_outer_tile, run_reduce_tile_4_rows, run_tile_1_row,
+                            run_tile_4_rows)
 
 TAP_TILE = 4
 
@@ -203,7 +213,76 @@ def _build_drivers(build):
                                 columns[k0:])
                     pixel += vectors * lanes
 
-    return correlate, correlate_grad_weight
+    @cached_njit(parallel=True)
+    def blocked_grad_weight(src, offsets, grad, grad_weight, stride_h, stride_w, block_lines,
+                            row_splits, tap_splits):
+        """Set ``grad_weight[r, k, lane] = sum_{n, i, j} grad[n, r, i, j]
+        * src_flat[n * image_len + (i * stride_h * W + j * stride_w) * LANES + offsets[k] + lane]``:
+        the weight gradient on the channel-blocked input.
+
+        src : (N, CB, H, W, LANES), the padded input with LANES channels innermost
+        (``layout.pack_channel_blocks``; ``image_len = CB * H * W * LANES``); offsets : (K,)
+        int64, ``K`` even, where tap k reads relative to an output pixel's position;
+        grad : (N, R, OH, OW), the output gradient as given (no packing: the tile reads it in
+        rows); grad_weight : (R, K, LANES), overwritten.
+
+        A task owns one of ``row_splits`` ranges of rows and one of ``tap_splits`` ranges of taps
+        (disjoint: no races). It walks the output in blocks of ``block_lines`` lines of one image;
+        per block, tap tile by tap tile (the block's input for a tile of taps stays in L1), each
+        row tile reduces its gradient lines against them in registers (``run_outer_tile``) and
+        adds the result to ``grad_weight``. The summation order depends on ``block_lines``
+        alone, not on the splits or the number of threads.
+        """
+        batch, blocks, height, width, lanes = src.shape
+        _, rows, out_height, out_width = grad.shape
+        taps = offsets.shape[0]
+        image_len = blocks * height * width * lanes
+        row_tiles = (rows + ROW_TILE - 1) // ROW_TILE
+        row_tiles_per_split = (row_tiles + row_splits - 1) // row_splits
+        tap_tiles = (taps + OUTER_TAPS - 1) // OUTER_TAPS
+        tap_tiles_per_split = (tap_tiles + tap_splits - 1) // tap_splits
+        line_blocks = (out_height + block_lines - 1) // block_lines
+        line_stride = stride_h * width * lanes
+        src_flat = src.reshape(-1)
+        grad_flat = grad.reshape(-1)
+        grad_weight_flat = grad_weight.reshape(-1)
+        zero = grad_weight.dtype.type(0)
+        if build[0]:  # NUMBA_BOUNDSCHECK
+            _check_reads(src_flat, offsets, (batch - 1) * image_len,
+                         (out_height - 1) * line_stride + (out_width - 1) * stride_w * lanes
+                         + lanes)
+        for task in prange(row_splits * tap_splits):
+            task_index = np.int64(task)
+            row_split = task_index // tap_splits
+            tap_split = task_index - row_split * tap_splits
+            first_row = row_split * row_tiles_per_split * ROW_TILE
+            stop_row = min(rows, first_row + row_tiles_per_split * ROW_TILE)
+            first_tap = tap_split * tap_tiles_per_split * OUTER_TAPS
+            stop_tap = min(taps, first_tap + tap_tiles_per_split * OUTER_TAPS)
+            for r in range(first_row, stop_row):
+                for element in range(first_tap * lanes, stop_tap * lanes):
+                    grad_weight_flat[r * taps * lanes + element] = zero
+            for n in range(batch):
+                for line_block in range(line_blocks):
+                    first_line = line_block * block_lines
+                    lines = min(block_lines, out_height - first_line)
+                    src_start = n * image_len + first_line * line_stride
+                    for k0 in range(first_tap, stop_tap, OUTER_TAPS):
+                        # an even count: 6, 4 or 2
+                        tile_taps = min(OUTER_TAPS, stop_tap - k0)
+                        for r0 in range(first_row, stop_row, ROW_TILE):
+                            # a last partial row tile runs row by row
+                            tile_rows = ROW_TILE if stop_row - r0 >= ROW_TILE else 1
+                            for r in range(r0, min(r0 + ROW_TILE, stop_row), tile_rows):
+                                run_outer_tile(
+                                    tile_rows, tile_taps, src_flat, src_start, line_stride,
+                                    stride_w * lanes, offsets[k0:], grad_flat,
+                                    ((n * rows + r) * out_height + first_line) * out_width,
+                                    out_height * out_width, out_width, lines, out_width,
+                                    grad_weight_flat, (r * taps + k0) * lanes, taps * lanes)
+
+    return correlate, correlate_grad_weight, blocked_grad_weight
 
 
-correlate, correlate_grad_weight = _build_drivers((CHECK_BOUNDS, SOURCE_FINGERPRINT))
+correlate, correlate_grad_weight, blocked_grad_weight = _build_drivers(
+    (CHECK_BOUNDS, SOURCE_FINGERPRINT))

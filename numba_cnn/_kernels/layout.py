@@ -193,3 +193,53 @@ def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix):
             row = group * rows_padded + channel
             for column in range(used_columns if channel < channels_per_group else 0, columns):
                 matrix[row, column] = zero
+
+
+@cached_njit(parallel=True)
+def pack_channel_blocks(src, dst, pad_top, pad_left):
+    """Fill ``dst`` (N, CB, H + pads, W + pads, LANES) from ``src`` (N, C, H, W): the
+    channel-blocked layout, ``dst[n, b, i, j, lane] = src[n, b * LANES + lane, i - pad_top,
+    j - pad_left]``, zero in the padding and for channels >= C.
+
+    A task fills one (n, b, i) line of ``dst``: zeros, then channel by channel a strided write
+    of a source row it reads at unit stride.
+    """
+    batch, channels, height, width = src.shape
+    _, blocks, padded_height, padded_width, lanes = dst.shape
+    zero = dst.dtype.type(0)
+    dst_flat = dst.reshape(-1)
+    src_flat = src.reshape(-1)
+    line_len = padded_width * lanes
+    for task in prange(batch * blocks * padded_height):
+        line = np.int64(task)
+        n = line // (blocks * padded_height)
+        block = (line // padded_height) - n * blocks
+        i = line - (n * blocks + block) * padded_height - pad_top
+        line_start = np.uint64(line * line_len)
+        for element in range(line_len):
+            dst_flat[line_start + np.uint64(element)] = zero
+        if i < 0 or i >= height:
+            continue
+        for lane in range(min(lanes, channels - block * lanes)):
+            source = np.uint64(((n * channels + block * lanes + lane) * height + i) * width)
+            target = line_start + np.uint64(pad_left * lanes + lane)
+            for j in range(width):
+                dst_flat[target + np.uint64(j * lanes)] = src_flat[source + np.uint64(j)]
+
+
+@cached_njit(parallel=True)
+def unblock_grad_weight(blocked, grad_weight):
+    """Fill ``grad_weight`` (F, C, KH, KW) from the channel-blocked weight gradient ``blocked``
+    (F, K, LANES) of ``blocked_grad_weight``, whose tap ``(b * KH + kh) * KW + kw`` holds
+    channels ``b * LANES + lane``: ``grad_weight[f, c, kh, kw] = blocked[f, (c // LANES * KH
+    + kh) * KW + kw, c % LANES]``."""
+    filters, channels, kernel_h, kernel_w = grad_weight.shape
+    lanes = blocked.shape[2]
+    for f in prange(filters):
+        for c in range(channels):
+            block = c // lanes
+            lane = c - block * lanes
+            for kh in range(kernel_h):
+                for kw in range(kernel_w):
+                    grad_weight[f, c, kh, kw] = blocked[f, (block * kernel_h + kh) * kernel_w
+                                                        + kw, lane]

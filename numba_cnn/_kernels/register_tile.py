@@ -247,6 +247,92 @@ def _build_reduce_tile(rows, taps):
     return reduce_tile
 
 
+def _build_outer_tile(rows, taps):
+    """An intrinsic ``outer_tile(src, src_start, src_line_stride, src_pixel_stride, offsets,
+    grad, grad_start, grad_row_stride, grad_line_stride, lines, pixels, grad_weight,
+    grad_weight_start, grad_weight_row_stride)`` adding
+
+        sum_{i < lines, j < pixels}
+            grad[grad_start + r * grad_row_stride + i * grad_line_stride + j]
+            * src[src_start + i * src_line_stride + offsets[t] + j * src_pixel_stride + lane]
+
+    to ``grad_weight[grad_weight_start + r * grad_weight_row_stride + t * LANES + lane]`` for
+    ``r < rows``, ``t < taps`` and every ``lane < LANES``: the weight-gradient tile of the
+    channel-blocked layout, where the LANES input channels of a pixel are one vector. Per pixel
+    it broadcasts ``rows`` gradient values and loads ``taps`` input vectors for ``rows * taps``
+    FMAs into vector accumulators whose lanes are channels, so, unlike ``reduce_tile``, no sum
+    across lanes is needed at the end. The sum runs over lines, then pixels, in order.
+    """
+    @intrinsic
+    def outer_tile(typingctx, src, src_start, src_line_stride, src_pixel_stride, offsets, grad,
+                   grad_start, grad_row_stride, grad_line_stride, lines, pixels, grad_weight,
+                   grad_weight_start, grad_weight_row_stride):
+        index = types.int64
+        signature = types.void(src, index, index, index, offsets, grad, index, index, index,
+                               index, index, grad_weight, index, index)
+
+        def codegen(context, builder, signature, args):
+            (_, src_start, src_line_stride, src_pixel_stride, _, _, grad_start, grad_row_stride,
+             grad_line_stride, lines, pixels, _, grad_weight_start, grad_weight_row_stride) = args
+            emit = _Emitter(context, builder, signature, args)
+            offsets_data = emit.data(4)
+            tap_offsets = [builder.load(builder.gep(offsets_data, [emit.constant(t)]))
+                           for t in range(taps)]
+            accumulators = emit.accumulators(rows, taps)
+            with cgutils.for_range(builder, lines) as line_loop:
+                line = line_loop.index
+                src_line = builder.gep(emit.data(0), [builder.add(
+                    src_start, builder.mul(line, src_line_stride))])
+                tap_sources = [builder.gep(src_line, [offset]) for offset in tap_offsets]
+                grad_rows = emit.rows(5, builder.add(grad_start, builder.mul(
+                    line, grad_line_stride)), grad_row_stride, rows)
+                with cgutils.for_range(builder, pixels) as loop:
+                    pixel = loop.index
+                    src_pixel = builder.mul(pixel, src_pixel_stride)
+                    grads = [emit.broadcast(builder.load(builder.gep(row, [pixel])))
+                             for row in grad_rows]
+                    inputs = [emit.load_vector(base, src_pixel) for base in tap_sources]
+                    for r in range(rows):
+                        for t in range(taps):
+                            emit.accumulate(accumulators[r][t], grads[r], inputs[t])
+            weight_rows = emit.rows(11, grad_weight_start, grad_weight_row_stride, rows)
+            for r, row in enumerate(weight_rows):
+                for t in range(taps):
+                    total = builder.fadd(emit.load_vector(row, t * emit.lanes),
+                                         builder.load(accumulators[r][t]))
+                    emit.store_vector(total, row, t * emit.lanes)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return outer_tile
+
+
+def _python_outer_tile(rows, taps):
+    """``_build_outer_tile``'s computation in NumPy, for runs with NUMBA_DISABLE_JIT."""
+    def outer_tile(src, src_start, src_line_stride, src_pixel_stride, offsets, grad, grad_start,
+                   grad_row_stride, grad_line_stride, lines, pixels, grad_weight,
+                   grad_weight_start, grad_weight_row_stride):
+        lanes = VECTOR_BYTES // src.itemsize
+        for r in range(rows):
+            for t in range(taps):
+                target = grad_weight_start + r * grad_weight_row_stride + t * lanes
+                _check_range(grad_weight, target, target + lanes)
+                for i in range(lines):
+                    grad_line = grad_start + r * grad_row_stride + i * grad_line_stride
+                    _check_range(grad, grad_line, grad_line + pixels)
+                    if pixels == 0:
+                        continue
+                    first = src_start + i * src_line_stride + offsets[t]
+                    last = first + (pixels - 1) * src_pixel_stride
+                    _check_range(src, first, last + lanes)
+                    inputs = src[first:last + lanes].copy()
+                    window = np.lib.stride_tricks.as_strided(
+                        inputs, (pixels, lanes), (src_pixel_stride * src.itemsize, src.itemsize))
+                    grad_weight[target:target + lanes] += grad[grad_line:grad_line + pixels] @ window
+    return outer_tile
+
+
 def _python_reduce_tile(rows, taps):
     """``_build_reduce_tile``'s computation in NumPy, for runs with NUMBA_DISABLE_JIT."""
     def reduce_tile(src, src_start, src_image_stride, offsets, grad, grad_start,
@@ -350,3 +436,36 @@ def run_reduce_tile_4_rows(taps, src, src_start, src_image_stride, offsets, grad
         _reduce_tile_4(*arguments)
     else:
         _reduce_tile_2(*arguments)
+
+
+_build_outer = _python_outer_tile if config.DISABLE_JIT else _build_outer_tile
+# Taps per outer tile: OUTER_TAPS, and 4 or 2 for the rest (the driver pads the taps to an even
+# count). With AVX-512, 4 x 6 accumulators, 4 broadcasts and 6 inputs fit 32 registers; with 16
+# registers, 4 x 2 + 4 + 2 do.
+OUTER_TAPS = REDUCE_TAPS
+_outer_4_6, _outer_4_4, _outer_4_2 = (_build_outer(ROWS, taps) for taps in (6, 4, 2))
+_outer_1_6, _outer_1_4, _outer_1_2 = (_build_outer(1, taps) for taps in (6, 4, 2))
+
+
+@njit(inline="always")
+def run_outer_tile(rows, taps, src, src_start, src_line_stride, src_pixel_stride, offsets, grad,
+                   grad_start, grad_row_stride, grad_line_stride, lines, pixels, grad_weight,
+                   grad_weight_start, grad_weight_row_stride):
+    """The channel-blocked weight-gradient tile of ``rows`` (ROWS or 1) x ``taps`` (6, 4 or 2)
+    taps; the literal tiles are picked at run time, as in ``run_reduce_tile_4_rows``."""
+    arguments = (src, src_start, src_line_stride, src_pixel_stride, offsets, grad, grad_start,
+                 grad_row_stride, grad_line_stride, lines, pixels, grad_weight,
+                 grad_weight_start, grad_weight_row_stride)
+    if rows == ROWS:
+        if taps == 6:
+            _outer_4_6(*arguments)
+        elif taps == 4:
+            _outer_4_4(*arguments)
+        else:
+            _outer_4_2(*arguments)
+    elif taps == 6:
+        _outer_1_6(*arguments)
+    elif taps == 4:
+        _outer_1_4(*arguments)
+    else:
+        _outer_1_2(*arguments)
