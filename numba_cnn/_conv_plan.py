@@ -9,8 +9,9 @@ import functools
 import numpy as np
 
 from ._kernels.conv2d import ROW_TILE, TAP_TILE
-from ._kernels.layout import gather_phase_weights, pack_channel_blocks, pack_phases
-from ._kernels.register_tile import OUTER_TAPS, VECTOR_BYTES, VECTORS
+from ._kernels.layout import (gather_blocked_weights, gather_phase_weights, pack_channel_blocks,
+                             pack_phases)
+from ._kernels.register_tile import BROADCAST_PIXELS, OUTER_TAPS, VECTOR_BYTES, VECTORS
 
 # Correlation blocking (``correlate``'s tap_block and tiles_per_task). Kernel-alone sweeps of
 # 8-48 KB tap blocks and 2-16 row tiles per task, against all taps with one row tile per task:
@@ -312,30 +313,62 @@ class InputGradPlan:
 
 
 class ChannelBlockedPlan:
-    """The weight gradient on the channel-blocked input (``conv2d.blocked_grad_weight``).
+    """A convolution on the channel-blocked layout (``conv2d.blocked_correlate`` and
+    ``conv2d.blocked_grad_weight``). Only for ``groups == 1``.
 
     The padded input is stored ``(N, CB, H + pads, W + pads, LANES)``: LANES (one vector of
-    the dtype) channels innermost, so that a tap ``(b, kh, kw)`` reads a whole vector of
-    channels per output pixel at a constant offset, and the output gradient is read as given,
-    in rows of OW pixels: no spare grid columns and no packed copy of it. Only for
-    ``groups == 1``; tap ``(b * KH + kh) * KW + kw`` is the k-th entry of ``offsets``.
+    the dtype) channels innermost. The weight gradient reads a whole vector of channels per
+    output pixel for each tap ``(b, kh, kw)``, at ``offsets[(b * KH + kh) * KW + kw]``, and the
+    output gradient as given, in rows of OW pixels. The correlation reads one input value per
+    term ``((b * KH + kh) * KW + kw) * LANES + lane`` (channel ``b * LANES + lane`` at tap
+    (kh, kw)), at ``term_offsets``, and writes LANES output channels per vector. Neither
+    computes spare grid columns.
+
+    With ``input_gradient`` (stride 1 only) the plan describes the input gradient as such a
+    correlation: of the output gradient (its channels are the filters), padded by the dilated
+    kernel's reach minus the forward's padding (negative: cropped), with the flipped,
+    transposed kernel (``gather_blocked_weights``), giving the C channels of x.
     """
 
-    def __init__(self, geometry, itemsize):
+    def __init__(self, geometry, itemsize, input_gradient=False):
         g = geometry
         self.geometry = g
-        self.lanes = self.lanes_for(itemsize)
-        self.blocks = -(-g.in_channels // self.lanes)
+        self.input_gradient = input_gradient
         (dh, dw), (kernel_h, kernel_w) = g.dilation, g.kernel
+        if input_gradient:
+            assert g.stride == (1, 1)
+            # output row h reads padded rows h .. h + reach; the gradient's row r sits at
+            # r + reach - pad_top (the bottom padding makes the rows up to H - 1 + reach: it is
+            # not reach - pad_bottom when the geometry's output is cut, as a transposed
+            # convolution's with output_padding >= stride is)
+            reach_h, reach_w = (kernel_h - 1) * dh, (kernel_w - 1) * dw
+            self.pad = (reach_h - g.pad[0], g.height + g.pad[0] - g.out_height,
+                        reach_w - g.pad[2], g.width + g.pad[2] - g.out_width)
+            self.in_channels, self.out_channels = g.out_channels, g.in_channels
+            in_height, in_width = g.out_height, g.out_width
+            self.out_height, self.out_width = g.height, g.width
+        else:
+            self.pad = g.pad
+            self.in_channels, self.out_channels = g.in_channels, g.out_channels
+            in_height, in_width = g.height, g.width
+            self.out_height, self.out_width = g.out_height, g.out_width
+        self.padded_height = in_height + self.pad[0] + self.pad[1]
+        self.padded_width = in_width + self.pad[2] + self.pad[3]
+        self.lanes = self.lanes_for(itemsize)
+        self.blocks = -(-self.in_channels // self.lanes)
         block, kh, kw = np.meshgrid(np.arange(self.blocks), np.arange(kernel_h),
                                     np.arange(kernel_w), indexing="ij")
-        offsets = ((block * g.padded_height + kh * dh) * g.padded_width + kw * dw) * self.lanes
+        offsets = ((block * self.padded_height + kh * dh) * self.padded_width
+                   + kw * dw) * self.lanes
         # an even number of taps for the tiles of 6, 4 or 2; a padding tap reads real data and
         # its (discarded) result lands in a column of its own
         self.offsets = np.zeros(round_up(offsets.size, 2), dtype=np.int64)
         self.offsets[:offsets.size] = offsets.reshape(-1)
+        self.term_offsets = (offsets.reshape(-1, 1) + np.arange(self.lanes)).reshape(-1)
+        self.out_blocks = -(-self.out_channels // self.lanes)
+        self.pixel_tiles = -(-self.out_width // BROADCAST_PIXELS)
         # output lines per block, by the input lines they read
-        line_bytes = g.stride[0] * g.padded_width * self.lanes * itemsize
+        line_bytes = g.stride[0] * self.padded_width * self.lanes * itemsize
         self.block_lines = max(1, BLOCKED_INPUT_BYTES // line_bytes)
 
     @staticmethod
@@ -345,22 +378,29 @@ class ChannelBlockedPlan:
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
-    def for_geometry(geometry, itemsize):
-        """The plan for ``geometry`` and an element size, built once."""
-        return ChannelBlockedPlan(geometry, itemsize)
+    def for_geometry(geometry, itemsize, input_gradient=False):
+        """The plan for ``geometry``, an element size and a pass, built once."""
+        return ChannelBlockedPlan(geometry, itemsize, input_gradient)
 
     def pack_input(self, x):
-        """x (N, C, H, W) in the channel-blocked layout, padded, on a cache-line boundary."""
-        g = self.geometry
-        blocked = aligned_empty((g.batch, self.blocks, g.padded_height, g.padded_width,
+        """The correlation's input (x, or the output gradient) in the channel-blocked layout,
+        padded, on a cache-line boundary."""
+        blocked = aligned_empty((x.shape[0], self.blocks, self.padded_height, self.padded_width,
                                  self.lanes), x.dtype)
-        pack_channel_blocks(x, blocked, g.pad[0], g.pad[2])
+        pack_channel_blocks(x, blocked, self.pad[0], self.pad[2])
+        return blocked
+
+    def correlation_weights(self, weight):
+        """weight (F, C, KH, KW) as ``blocked_correlate``'s (OB, T, LANES) matrix."""
+        blocked = aligned_empty((self.out_blocks, self.term_offsets.size, self.lanes),
+                                weight.dtype)
+        gather_blocked_weights(weight, self.input_gradient, blocked)
         return blocked
 
     def splits(self, thread_count):
         """(row_splits, tap_splits) for ``blocked_grad_weight``: one task per thread, by rows
         where there are enough row tiles (every task reads all of the input for its taps)."""
-        row_tiles = -(-self.geometry.out_channels // ROW_TILE)
+        row_tiles = -(-self.out_channels // ROW_TILE)
         tap_tiles = -(-self.offsets.size // OUTER_TAPS)
         row_splits = min(row_tiles, thread_count)
         return row_splits, max(1, min(tap_tiles, thread_count // row_splits))

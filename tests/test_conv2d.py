@@ -58,17 +58,14 @@ def test_every_output_position_is_written(case, rng, monkeypatch):
     _check_against_reference(case, x, w, b, g, RTOL[np.float32])
 
 
-WEIGHT_GRADIENT_PATHS = {"grid": 10 ** 9, "channel_blocked": 0}  # CHANNEL_BLOCKED_MIN_FILTERS
-
-
-@pytest.mark.parametrize("path", WEIGHT_GRADIENT_PATHS)
+@pytest.mark.parametrize("channel_blocked", [False, True], ids=["grid", "channel_blocked"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_both_weight_gradient_paths_match_reference(case, dtype, path, rng, monkeypatch):
-    # the shape rule sends few of these small cases down the channel-blocked path: force each
-    # path (the blocked one needs groups == 1; other cases take the grid either way)
-    monkeypatch.setattr(F, "CHANNEL_BLOCKED_MIN_FILTERS", WEIGHT_GRADIENT_PATHS[path])
-    monkeypatch.setattr(F, "CHANNEL_BLOCKED_MIN_FILL", 0.0)
+def test_both_layouts_match_reference(case, dtype, channel_blocked, rng, monkeypatch):
+    # the shape rules send few of these small cases to the channel-blocked layout: force each
+    # layout wherever it is implemented (the blocked one needs groups == 1, and stride 1 for
+    # the input gradient, column stride <= 2 for the forward)
+    monkeypatch.setattr(F, "FORCE_CHANNEL_BLOCKED", channel_blocked)
     monkeypatch.setattr(F, "np", PoisonedEmptyNumpy())
     x, w, b, g = make_inputs(case, rng, dtype)
     _check_against_reference(case, x, w, b, g, RTOL[dtype])

@@ -167,13 +167,12 @@ def test_every_output_position_is_written(case, rng, monkeypatch):
     _check_against_reference(case, x, w, b, g, RTOL[np.float32])
 
 
-@pytest.mark.parametrize("blocked_min_filters", [10 ** 9, 0], ids=["grid", "channel_blocked"])
+@pytest.mark.parametrize("channel_blocked", [False, True], ids=["grid", "channel_blocked"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_both_weight_gradient_paths_match_reference(case, blocked_min_filters, rng, monkeypatch):
-    # force each weight-gradient path (the channel-blocked one needs groups == 1); off the
-    # channel-blocked path the backward shares one packed grad_out between its two passes
-    monkeypatch.setattr(F, "CHANNEL_BLOCKED_MIN_FILTERS", blocked_min_filters)
-    monkeypatch.setattr(F, "CHANNEL_BLOCKED_MIN_FILL", 0.0)
+def test_both_layouts_match_reference(case, channel_blocked, rng, monkeypatch):
+    # force each layout wherever it is implemented (see test_conv2d); on the grid the backward
+    # shares one packed grad_out between its two passes
+    monkeypatch.setattr(F, "FORCE_CHANNEL_BLOCKED", channel_blocked)
     monkeypatch.setattr(F, "np", PoisonedEmptyNumpy())
     x, w, b, g = make_inputs(case, rng, np.float64)
     _check_against_reference(case, x, w, b, g, RTOL[np.float64])

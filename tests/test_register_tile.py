@@ -8,10 +8,11 @@ directly, so every tile width (1..VECTORS vectors) and both row counts run on ra
 import numpy as np
 import pytest
 
-from numba_cnn._kernels.conv2d import (_check_reads, blocked_grad_weight, correlate,
-                                      correlate_grad_weight)
-from numba_cnn._kernels.layout import pack_channel_blocks, unblock_grad_weight
-from numba_cnn._kernels.register_tile import VECTOR_BYTES, VECTORS
+from numba_cnn._kernels.conv2d import (_check_reads, blocked_correlate, blocked_grad_weight,
+                                      correlate, correlate_grad_weight)
+from numba_cnn._kernels.layout import (gather_blocked_weights, pack_channel_blocks,
+                                       unblock_grad_weight, unblock_output)
+from numba_cnn._kernels.register_tile import BROADCAST_PIXELS, VECTOR_BYTES, VECTORS
 
 
 def correlation_by_formula(src, src_image_stride, offsets, weight, out_shape):
@@ -154,16 +155,81 @@ def test_blocked_grad_weight_kernel_matches_formula(taps, rows, stride, block_li
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("channels", [1, 16, 21])  # one partial block, whole blocks, a rest
-def test_pack_channel_blocks(channels, dtype, rng):
+# (top, bottom, left, right) pads; negative ones crop
+@pytest.mark.parametrize("pads", [(1, 2, 3, 0), (0, 0, 0, 0), (-1, 2, -2, -1), (2, -3, 1, -4)])
+def test_pack_channel_blocks(channels, pads, dtype, rng):
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
-    src = rng.standard_normal((2, channels, 4, 5)).astype(dtype)
+    height, width = 4, 5
+    src = rng.standard_normal((2, channels, height, width)).astype(dtype)
     blocks = -(-channels // lanes)
-    dst = np.full((2, blocks, 4 + 1 + 2, 5 + 3 + 0, lanes), np.nan, dtype=dtype)
-    pack_channel_blocks(src, dst, 1, 3)  # pads: top 1, bottom 2, left 3, right 0
-    padded = np.zeros((2, blocks * lanes, 7, 8), dtype=dtype)
-    padded[:, :channels, 1:5, 3:8] = src
-    expected = padded.reshape(2, blocks, lanes, 7, 8).transpose(0, 1, 3, 4, 2)
+    top, bottom, left, right = pads
+    padded_h, padded_w = height + top + bottom, width + left + right
+    dst = np.full((2, blocks, padded_h, padded_w, lanes), np.nan, dtype=dtype)
+    pack_channel_blocks(src, dst, top, left)
+    big = np.zeros((2, blocks * lanes, height + 8, width + 8), dtype=dtype)  # pads of 4
+    big[:, :channels, 4:4 + height, 4:4 + width] = src
+    window = big[:, :, 4 - top:4 - top + padded_h, 4 - left:4 - left + padded_w]
+    expected = window.reshape(2, blocks, lanes, padded_h, padded_w).transpose(0, 1, 3, 4, 2)
     np.testing.assert_array_equal(dst, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# pairs of filter blocks and a single one; every tile width and a rest (3 tiles: as even as
+# possible); column strides 1 and 2
+@pytest.mark.parametrize("filter_blocks", [2, 3])
+@pytest.mark.parametrize("out_width", list(range(1, BROADCAST_PIXELS + 1))
+                         + [2 * BROADCAST_PIXELS + 3])
+@pytest.mark.parametrize("stride", [(1, 1), (3, 2)])
+def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, stride, dtype, rng):
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    sh, sw = stride
+    batch, blocks, out_height, terms = 2, 2, 3, 7
+    height, width = (out_height - 1) * sh + 2, (out_width - 1) * sw + 3
+    src = rng.standard_normal((batch, blocks, height, width, lanes)).astype(dtype)
+    reach = ((out_height - 1) * sh * width + (out_width - 1) * sw) * lanes + 1
+    offsets = rng.integers(0, src[0].size - reach, size=terms).astype(np.int64)
+    weight = rng.standard_normal((filter_blocks, terms, lanes)).astype(dtype)
+    out = np.full((batch, filter_blocks, out_height, out_width, lanes), np.nan, dtype=dtype)
+    blocked_correlate[sw](src, offsets, weight, out, sh, -(-out_width // BROADCAST_PIXELS))
+    image = src.reshape(batch, -1).astype(np.float64)
+    i, j = np.meshgrid(np.arange(out_height), np.arange(out_width), indexing="ij")
+    starts = (i * sh * width + j * sw) * lanes  # (OH, OW)
+    reads = image[:, starts[..., None] + offsets]  # (N, OH, OW, T)
+    expected = np.einsum("nijt,btl->nbijl", reads, weight)
+    np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "input_gradient"])
+@pytest.mark.parametrize("filters, channels", [(16, 32), (5, 21), (40, 3)])
+def test_gather_blocked_weights(filters, channels, transposed, rng):
+    lanes = VECTOR_BYTES // 4
+    kernel_h, kernel_w = 2, 3
+    weight = rng.standard_normal((filters, channels, kernel_h, kernel_w)).astype(np.float32)
+    outputs, inputs = (channels, filters) if transposed else (filters, channels)
+    out_blocks, in_blocks = -(-outputs // lanes), -(-inputs // lanes)
+    blocked = np.full((out_blocks, in_blocks * kernel_h * kernel_w * lanes, lanes), np.nan,
+                      dtype=np.float32)
+    gather_blocked_weights(weight, transposed, blocked)
+    # (output, input, kh, kw) with the kernel flipped for the input gradient, zero-padded
+    by_output = (weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1] if transposed else weight)
+    padded = np.zeros((out_blocks * lanes, in_blocks * lanes, kernel_h, kernel_w), np.float32)
+    padded[:outputs, :inputs] = by_output
+    expected = padded.reshape(out_blocks, lanes, in_blocks, lanes, kernel_h, kernel_w) \
+        .transpose(0, 2, 4, 5, 3, 1).reshape(blocked.shape)
+    np.testing.assert_array_equal(blocked, expected)
+
+
+@pytest.mark.parametrize("outputs", [16, 21, 40])
+def test_unblock_output(outputs, rng):
+    lanes = VECTOR_BYTES // 4
+    blocks = -(-outputs // lanes)
+    blocked = rng.standard_normal((2, blocks, 3, 100, lanes)).astype(np.float32)  # 300 pixels
+    bias = rng.standard_normal(outputs).astype(np.float32)
+    dst = np.full((2, outputs, 3, 100), np.nan, dtype=np.float32)
+    unblock_output(blocked, bias, dst)
+    expected = blocked.transpose(0, 1, 4, 2, 3).reshape(2, blocks * lanes, 3, 100)[:, :outputs]
+    np.testing.assert_array_equal(dst, expected + bias[:, None, None])
 
 
 @pytest.mark.parametrize("channels", [5, 16, 21])

@@ -40,13 +40,16 @@ Conventions shared by the grid kernels (established by ``numba_cnn._conv_plan``)
   IR tiles do not check, so under NUMBA_BOUNDSCHECK the drivers check the range once per call.
 - Kernels never validate their arguments.
 """
+import types
+
 import numpy as np
 from numba import njit, prange
 from numba.core import config
 
 from . import cached_njit
 from .register_tile import ROWS as ROW_TILE
-from .register_tile import (OUTER_TAPS, REDUCE_TAPS, SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS,
+from .register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS, REDUCE_TAPS,
+                            SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS, build_broadcast_runner,
                             run_outer_tile, run_reduce_tile_4_rows, run_tile_1_row,
                             run_tile_4_rows)
 
@@ -286,3 +289,74 @@ def _build_drivers(build):
 
 correlate, correlate_grad_weight, blocked_grad_weight = _build_drivers(
     (CHECK_BOUNDS, SOURCE_FINGERPRINT))
+
+
+def _build_blocked_correlate(build):
+    """The channel-blocked correlation for column stride ``build[2]`` (a literal of its tile);
+    ``build`` = (check bounds, register_tile.SOURCE_FINGERPRINT, column stride), the cache key
+    as in ``_build_drivers``."""
+    def blocked_correlate(src, offsets, weight, out, stride_h, pixel_tiles):
+        """Set ``out[n, b, i, j, lane] = sum_t src_flat[n * image_len + (i * stride_h * W
+        + j * stride_w) * LANES + offsets[t]] * weight[b, t, lane]``, ``stride_w = build[2]``.
+
+        src : (N, CB, H, W, LANES), the padded input, channel-blocked (``image_len = CB * H * W
+        * LANES``); offsets : (T,) int64, one per term, a (channel, tap) pair; weight :
+        (FB, T, LANES), LANES filters per block; out : (N, FB, OH, OW, LANES), overwritten.
+
+        A task owns BROADCAST_VECTORS filter blocks and one output line of one image, which it
+        computes in ``pixel_tiles`` tiles of up to BROADCAST_PIXELS pixels (as even as
+        possible), each reduced over all terms in registers (``register_tile``'s broadcast
+        tile). Tasks run filter blocks outermost: consecutive tasks of a thread reuse the same
+        weights (in L2) while the input streams.
+        """
+        batch, blocks, height, width, lanes = src.shape
+        filter_blocks, terms, _ = weight.shape
+        _, _, out_height, out_width, _ = out.shape
+        pairs = (filter_blocks + BROADCAST_VECTORS - 1) // BROADCAST_VECTORS
+        image_len = blocks * height * width * lanes
+        line_stride = stride_h * width * lanes
+        pixel_step = build[2] * lanes
+        lines = batch * out_height
+        src_flat = src.reshape(-1)
+        weight_flat = weight.reshape(-1)
+        out_flat = out.reshape(-1)
+        if build[0]:  # NUMBA_BOUNDSCHECK
+            _check_reads(src_flat, offsets, (batch - 1) * image_len
+                         + (out_height - 1) * line_stride, (out_width - 1) * pixel_step + 1)
+        for task in prange(pairs * lines):
+            task_index = np.int64(task)
+            pair = task_index // lines
+            line = task_index - pair * lines
+            n = line // out_height
+            i = line - n * out_height
+            first_block = pair * BROADCAST_VECTORS
+            vectors = min(BROADCAST_VECTORS, filter_blocks - first_block)
+            src_line = n * image_len + i * line_stride
+            out_line = ((n * filter_blocks + first_block) * out_height + i) * out_width * lanes
+            j = 0
+            for tile in range(pixel_tiles):
+                pixels = _tile_width(out_width, pixel_tiles, tile)
+                src_start = src_line + j * pixel_step
+                weight_start = first_block * terms * lanes
+                out_start = out_line + j * lanes
+                out_vector_stride = out_height * out_width * lanes
+                run_broadcast_tile(vectors, pixels, src_flat, src_start, offsets, weight_flat,
+                                   weight_start, terms * lanes, out_flat, out_start,
+                                   out_vector_stride, terms)
+                j += pixels
+
+    # The stride's tile runner is a global of this copy of the function, not a closure value:
+    # Numba keys its cache on the closure values, and a dispatcher in the closure pickles
+    # differently in every process (the cache would never hit); a constant branch on the
+    # stride between two runners still compiled both (+1.5 s).
+    scope = dict(blocked_correlate.__globals__,
+                 run_broadcast_tile=build_broadcast_runner(build[2]))
+    function = types.FunctionType(blocked_correlate.__code__, scope, blocked_correlate.__name__,
+                                  None, blocked_correlate.__closure__)
+    function.__qualname__ = blocked_correlate.__qualname__
+    return cached_njit(parallel=True)(function)
+
+
+# the channel-blocked correlation by column stride (others run on the grid)
+blocked_correlate = {stride: _build_blocked_correlate((CHECK_BOUNDS, SOURCE_FINGERPRINT, stride))
+                     for stride in (1, 2)}
