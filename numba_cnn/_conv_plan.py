@@ -8,10 +8,11 @@ import functools
 
 import numpy as np
 
-from ._kernels.conv2d import ROW_TILE, TAP_TILE
-from ._kernels.layout import (gather_blocked_weights, gather_phase_weights, pack_channel_blocks,
-                             pack_phases)
-from ._kernels.register_tile import BROADCAST_PIXELS, OUTER_TAPS, VECTOR_BYTES, VECTORS
+from ._kernels.conv2d import BLOCKED_COLUMN_STRIDES, ROW_TILE, TAP_TILE
+from ._kernels.layout import (gather_blocked_weights, gather_phase_weights,
+                             pack_channel_blocks, pack_phases)
+from ._kernels.register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS,
+                                     VECTOR_BYTES, VECTORS)
 
 # Correlation blocking (``correlate``'s tap_block and tiles_per_task). Kernel-alone sweeps of
 # 8-48 KB tap blocks and 2-16 row tiles per task, against all taps with one row tile per task:
@@ -310,6 +311,69 @@ class InputGradPlan:
         matrix = np.empty((g.groups * self.channels_padded, columns), dtype=weight.dtype)
         gather_phase_weights(weight, g.groups, taps_h, taps_w, self.channels_padded, matrix)
         return matrix
+
+
+# Which passes run on the channel-blocked layout (ChannelBlockedPlan).
+#
+# The weight gradient runs on it when there is one group, at least CHANNEL_BLOCKED_MIN_FILTERS
+# filters and the input channels fill at least CHANNEL_BLOCKED_MIN_FILL of their vectors.
+# Elsewhere the grid kernel is as fast or faster (same-process A/B of the weight gradient
+# alone, blocked / grid time: 24 channels, 0.75 of two vectors filled, 1.03; 8 filters 1.04,
+# 3 filters 1.31; reference shapes 0.62-0.90).
+CHANNEL_BLOCKED_MIN_FILTERS = 16
+CHANNEL_BLOCKED_MIN_FILL = 0.8
+
+
+def blocked_weight_gradient(geometry, itemsize):
+    """Whether the weight gradient of ``geometry`` runs on the channel-blocked layout."""
+    if FORCE_CHANNEL_BLOCKED is not None:
+        return FORCE_CHANNEL_BLOCKED and geometry.groups == 1
+    lanes = VECTOR_BYTES // itemsize
+    channels = geometry.in_channels
+    fill = channels / (-(-channels // lanes) * lanes)
+    return (geometry.groups == 1 and geometry.out_channels >= CHANNEL_BLOCKED_MIN_FILTERS
+            and fill >= CHANNEL_BLOCKED_MIN_FILL)
+
+
+# The forward and the stride-1 input gradient run on the channel-blocked layout on narrow
+# images whose channels fill whole vectors. There the grid computes many spare columns and its
+# rows are short, while the blocked tile computes only real pixels: same-process A/B of each
+# pass alone (grid / blocked time), forward and input gradient: res14 1.08 and 1.10, res28 1.03
+# and 1.06, mnist2 1.16 and 1.20, 64 channels at 7x7 1.22 and 1.25, res14 stride 2 forward
+# 1.07. On wide images the grid wastes little and packs more cheaply (res56 0.96 and 0.96),
+# and strided layers read four times the input per output (res28 stride 2: 0.96, res56 stride
+# 2: 0.83); partly filled vectors lose too (odd3, 100 -> 120 channels: 0.94 and 0.86; odd5,
+# 48 -> 80: 0.95 and 0.87), as does the forward of a 1x1 kernel (0.87).
+CHANNEL_BLOCKED_MAX_WIDTH = 32  # output columns at stride 1; at stride 2 a quarter
+# None: each pass takes the layout the rules above choose; True / False: the channel-blocked
+# layout wherever it is implemented (groups == 1; the forward at column stride 1 or 2, the input
+# gradient at stride 1) / nowhere. For tests.
+FORCE_CHANNEL_BLOCKED = None
+
+
+def _blocked_correlation_pays(in_channels, out_channels, out_width, stride_w, kernel, itemsize):
+    """Whether a correlation from ``in_channels`` to ``out_channels`` runs channel-blocked."""
+    if FORCE_CHANNEL_BLOCKED is not None:
+        return FORCE_CHANNEL_BLOCKED
+    lanes = VECTOR_BYTES // itemsize
+    return (in_channels % lanes == 0 and out_channels % (BROADCAST_VECTORS * lanes) == 0
+            and kernel != (1, 1) and out_width * stride_w * stride_w <= CHANNEL_BLOCKED_MAX_WIDTH)
+
+
+def blocked_forward(geometry, itemsize):
+    """Whether the forward of ``geometry`` runs on the channel-blocked layout."""
+    g = geometry
+    return (g.groups == 1 and g.stride[1] in BLOCKED_COLUMN_STRIDES
+            and _blocked_correlation_pays(g.in_channels, g.out_channels, g.out_width,
+                                          g.stride[1], g.kernel, itemsize))
+
+
+def blocked_input_gradient(geometry, itemsize):
+    """Whether the input gradient of ``geometry`` runs on the channel-blocked layout (stride 1
+    only: a correlation of the output gradient with the flipped kernel)."""
+    g = geometry
+    return (g.groups == 1 and g.stride == (1, 1) and _blocked_correlation_pays(
+        g.out_channels, g.in_channels, g.width, 1, g.kernel, itemsize))
 
 
 class ChannelBlockedPlan:

@@ -16,10 +16,10 @@ import numpy as np
 from . import _args
 from ._threads import threads_for
 from ._conv_plan import (ChannelBlockedPlan, ForwardPlan, InputGradPlan, aligned_empty,
+                         blocked_forward, blocked_input_gradient, blocked_weight_gradient,
                          correlation_blocking)
 from ._kernels.conv2d import (blocked_correlate, blocked_grad_weight, correlate,
                               correlate_grad_weight, ROW_TILE, TAP_TILE)
-from ._kernels.register_tile import BROADCAST_VECTORS
 from ._kernels.layout import unblock_grad_weight, unblock_output, unpack_phases
 
 # Pooling lives in its own module (validation section + ops); this is the public surface.
@@ -76,7 +76,7 @@ def _blocking(block_shape, grid, offsets, matrix, out_grid):
 def _conv2d_forward(x, weight, bias, geometry, grid=None):
     """Forward convolution of validated, contiguous, same-dtype arrays; ``grid`` is x packed by
     the plan's ``pack_input``, if the caller has it (then the forward runs on it)."""
-    if grid is None and _channel_blocked_forward(geometry, x.dtype.itemsize):
+    if grid is None and blocked_forward(geometry, x.dtype.itemsize):
         plan = ChannelBlockedPlan.for_geometry(geometry, x.dtype.itemsize)
         return _blocked_correlation(x, weight, bias, plan, geometry.output_shape)
     plan = ForwardPlan.for_geometry(geometry)
@@ -114,7 +114,7 @@ def _blocked_correlation(src, weight, bias, plan, output_shape):
 def _conv2d_grad_input(grad_out, weight, bias, geometry):
     """Gradient of the convolution with respect to its input, shape ``geometry.input_shape``,
     plus ``bias`` (C,) per channel if given (the transposed convolution's bias)."""
-    if _channel_blocked_input_gradient(geometry, grad_out.dtype.itemsize):
+    if blocked_input_gradient(geometry, grad_out.dtype.itemsize):
         plan = ChannelBlockedPlan.for_geometry(geometry, grad_out.dtype.itemsize, True)
         return _blocked_correlation(grad_out, weight, bias, plan, geometry.input_shape)
     plan = InputGradPlan.for_geometry(geometry)
@@ -139,72 +139,12 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
     return grad_x
 
 
-# The weight gradient runs on the channel-blocked input (ChannelBlockedPlan) when there is one
-# group, at least CHANNEL_BLOCKED_MIN_FILTERS filters and the input channels fill at least
-# CHANNEL_BLOCKED_MIN_FILL of their vectors. Elsewhere the grid kernel is as fast or faster
-# (same-process A/B of the weight gradient alone, blocked / grid time: 24 channels, 0.75 of
-# two vectors filled, 1.03; 8 filters 1.04, 3 filters 1.31; reference shapes 0.62-0.90).
-CHANNEL_BLOCKED_MIN_FILTERS = 16
-CHANNEL_BLOCKED_MIN_FILL = 0.8
-
-
-def _channel_blocked(geometry, itemsize):
-    """Whether the weight gradient of ``geometry`` runs on the channel-blocked layout."""
-    if FORCE_CHANNEL_BLOCKED is not None:
-        return FORCE_CHANNEL_BLOCKED and geometry.groups == 1
-    lanes = ChannelBlockedPlan.lanes_for(itemsize)
-    channels = geometry.in_channels
-    fill = channels / (-(-channels // lanes) * lanes)
-    return (geometry.groups == 1 and geometry.out_channels >= CHANNEL_BLOCKED_MIN_FILTERS
-            and fill >= CHANNEL_BLOCKED_MIN_FILL)
-
-
-# The forward and the stride-1 input gradient run on the channel-blocked layout on narrow
-# images whose channels fill whole vectors. There the grid computes many spare columns and its
-# rows are short, while the blocked tile computes only real pixels: same-process A/B of each
-# pass alone (grid / blocked time), forward and input gradient: res14 1.08 and 1.10, res28 1.03
-# and 1.06, mnist2 1.16 and 1.20, 64 channels at 7x7 1.22 and 1.25, res14 stride 2 forward
-# 1.07. On wide images the grid wastes little and packs more cheaply (res56 0.96 and 0.96),
-# and strided layers read four times the input per output (res28 stride 2: 0.96, res56 stride
-# 2: 0.83); partly filled vectors lose too (odd3, 100 -> 120 channels: 0.94 and 0.86; odd5,
-# 48 -> 80: 0.95 and 0.87), as does the forward of a 1x1 kernel (0.87).
-CHANNEL_BLOCKED_MAX_WIDTH = 32  # output columns at stride 1; at stride 2 a quarter
-# None: each pass takes the layout the rules above choose; True / False: the channel-blocked
-# layout wherever it is implemented (groups == 1; the forward at column stride 1 or 2, the input
-# gradient at stride 1) / nowhere. For tests.
-FORCE_CHANNEL_BLOCKED = None
-
-
-def _blocked_correlation_pays(in_channels, out_channels, out_width, stride_w, kernel, itemsize):
-    """Whether a correlation from ``in_channels`` to ``out_channels`` runs channel-blocked."""
-    if FORCE_CHANNEL_BLOCKED is not None:
-        return FORCE_CHANNEL_BLOCKED
-    lanes = ChannelBlockedPlan.lanes_for(itemsize)
-    return (in_channels % lanes == 0 and out_channels % (BROADCAST_VECTORS * lanes) == 0
-            and kernel != (1, 1) and out_width * stride_w * stride_w <= CHANNEL_BLOCKED_MAX_WIDTH)
-
-
-def _channel_blocked_forward(geometry, itemsize):
-    """Whether the forward of ``geometry`` runs on the channel-blocked layout."""
-    g = geometry
-    return (g.groups == 1 and g.stride[1] in blocked_correlate and _blocked_correlation_pays(
-        g.in_channels, g.out_channels, g.out_width, g.stride[1], g.kernel, itemsize))
-
-
-def _channel_blocked_input_gradient(geometry, itemsize):
-    """Whether the input gradient of ``geometry`` runs on the channel-blocked layout (stride 1
-    only: a correlation of the output gradient with the flipped kernel)."""
-    g = geometry
-    return (g.groups == 1 and g.stride == (1, 1) and _blocked_correlation_pays(
-        g.out_channels, g.in_channels, g.width, 1, g.kernel, itemsize))
-
-
 @_threads_by_geometry
 def _conv2d_grad_weight(grad_out, x, geometry, grid=None):
     """Gradient of the convolution with respect to its weight, shape ``geometry.weight_shape``;
     ``grid`` is x packed by the forward plan's ``pack_input``, if the caller has it (used
     only off the channel-blocked path)."""
-    if _channel_blocked(geometry, x.dtype.itemsize):
+    if blocked_weight_gradient(geometry, x.dtype.itemsize):
         return _channel_blocked_grad_weight(grad_out, x, geometry)
     plan = ForwardPlan.for_geometry(geometry)
     grid = plan.pack_input(x) if grid is None else grid
@@ -409,7 +349,7 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
     # input grad_out against output gradient x. Off the channel-blocked path both read
     # grad_out packed the same way, so it is packed once.
     grid = None
-    if not _channel_blocked(geometry.conv, dtype.itemsize):
+    if not blocked_weight_gradient(geometry.conv, dtype.itemsize):
         with threads_for(_conv_work(geometry.conv)):
             grid = ForwardPlan.for_geometry(geometry.conv).pack_input(grad_out)
     grad_x = _conv2d_forward(grad_out, weight, None, geometry.conv, grid)

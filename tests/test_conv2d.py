@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from numba_cnn import _args
+from numba_cnn import _args, _conv_plan
 from numba_cnn import functional as F
 from numba_cnn import reference as R
 
@@ -65,7 +65,7 @@ def test_both_layouts_match_reference(case, dtype, channel_blocked, rng, monkeyp
     # the shape rules send few of these small cases to the channel-blocked layout: force each
     # layout wherever it is implemented (the blocked one needs groups == 1, and stride 1 for
     # the input gradient, column stride <= 2 for the forward)
-    monkeypatch.setattr(F, "FORCE_CHANNEL_BLOCKED", channel_blocked)
+    monkeypatch.setattr(_conv_plan, "FORCE_CHANNEL_BLOCKED", channel_blocked)
     monkeypatch.setattr(F, "np", PoisonedEmptyNumpy())
     x, w, b, g = make_inputs(case, rng, dtype)
     _check_against_reference(case, x, w, b, g, RTOL[dtype])
@@ -318,7 +318,7 @@ def test_channel_blocked_weight_gradient_has_the_reference_nan_pattern(kwargs, d
     # makes exactly the entries NaN whose sum reaches it (the grid path may make more NaN)
     x = rng.standard_normal((2, 16, 9, 8)).astype(dtype)
     w = rng.standard_normal((16, 16, 3, 3)).astype(dtype)
-    assert F._channel_blocked(_geometry(x, w, kwargs), x.itemsize)
+    assert _conv_plan.blocked_weight_gradient(_geometry(x, w, kwargs), x.itemsize)
     x[1, 15, 5, 3] = np.nan
     x[0, 3, 0, 7] = np.nan
     g = rng.standard_normal(F.conv2d(x, w, **kwargs).shape).astype(dtype)

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import numba_cnn
+from numba_cnn import _conv_plan
 from numba_cnn import functional as F
 from numba_cnn import layers
 from numba_cnn import reference as R
@@ -172,7 +173,7 @@ def test_every_output_position_is_written(case, rng, monkeypatch):
 def test_both_layouts_match_reference(case, channel_blocked, rng, monkeypatch):
     # force each layout wherever it is implemented (see test_conv2d); on the grid the backward
     # shares one packed grad_out between its two passes
-    monkeypatch.setattr(F, "FORCE_CHANNEL_BLOCKED", channel_blocked)
+    monkeypatch.setattr(_conv_plan, "FORCE_CHANNEL_BLOCKED", channel_blocked)
     monkeypatch.setattr(F, "np", PoisonedEmptyNumpy())
     x, w, b, g = make_inputs(case, rng, np.float64)
     _check_against_reference(case, x, w, b, g, RTOL[np.float64])

@@ -26,8 +26,8 @@ with ``grad`` zero outside valid output positions, so the spare grid columns con
 The weight gradient of most ungrouped layers runs instead on a channel-blocked copy of the input,
 ``(N, CB, H, W, LANES)`` with LANES channels (one vector) innermost (``blocked_grad_weight``):
 
-    grad_weight[r, k, lane] = sum_{n, i, j}  grad[n, r, i, j]
-                              * src[n, (i * stride_h * W + j * stride_w) * LANES + offsets[k] + lane]
+    grad_weight[r, k, lane] = sum_{n, i, j}  grad[n, r, i, j] * src[n, (i * stride_h * W
+                                             + j * stride_w) * LANES + offsets[k] + lane]
 
 It reads the output gradient as given, pixel by pixel, so nothing is computed at spare grid
 columns, and the vector lanes are channels, so no sums across lanes are needed.
@@ -358,5 +358,6 @@ def _build_blocked_correlate(build):
 
 
 # the channel-blocked correlation by column stride (others run on the grid)
+BLOCKED_COLUMN_STRIDES = (1, 2)
 blocked_correlate = {stride: _build_blocked_correlate((CHECK_BOUNDS, SOURCE_FINGERPRINT, stride))
-                     for stride in (1, 2)}
+                     for stride in BLOCKED_COLUMN_STRIDES}

@@ -15,6 +15,11 @@ accumulators stay in registers across it: per tap, ``vectors`` input loads and `
 broadcasts feed ``rows * vectors`` FMAs. On AVX-512 (32 vector registers) the tile is 4 x 6
 zmm (24 accumulators, 96 float32 pixels); with 16 vector registers it is 4 x 3.
 
+The same module builds the weight gradient's reduction tile on the grid, and the two tiles of
+the channel-blocked layout, where a vector holds LANES channels of one pixel: the broadcast tile
+(output pixels x vectors of output channels, broadcasting input values) and the outer tile
+(filters x taps, broadcasting output-gradient values against input-channel vectors).
+
 The tile functions are Numba intrinsics, inlined into the ``@njit(parallel=True)`` drivers of
 ``conv2d.py`` and cached with them. Under ``NUMBA_DISABLE_JIT`` (the coverage run) they are
 replaced by a NumPy implementation of the formula above.
@@ -329,7 +334,8 @@ def _python_outer_tile(rows, taps):
                     inputs = src[first:last + lanes].copy()
                     window = np.lib.stride_tricks.as_strided(
                         inputs, (pixels, lanes), (src_pixel_stride * src.itemsize, src.itemsize))
-                    grad_weight[target:target + lanes] += grad[grad_line:grad_line + pixels] @ window
+                    grads = grad[grad_line:grad_line + pixels]
+                    grad_weight[target:target + lanes] += grads @ window
     return outer_tile
 
 
