@@ -335,19 +335,20 @@ def blocked_weight_gradient(geometry, itemsize):
             and fill >= CHANNEL_BLOCKED_MIN_FILL)
 
 
-# The forward and the stride-1 input gradient run on the channel-blocked layout on narrow
-# images whose channels fill whole vectors. There the grid computes many spare columns and its
-# rows are short, while the blocked tile computes only real pixels: same-process A/B of each
-# pass alone (grid / blocked time), forward and input gradient: res14 1.08 and 1.10, res28 1.03
-# and 1.06, mnist2 1.16 and 1.20, 64 channels at 7x7 1.22 and 1.25, res14 stride 2 forward
-# 1.07. On wide images the grid wastes little and packs more cheaply (res56 0.96 and 0.96),
-# and strided layers read four times the input per output (res28 stride 2: 0.96, res56 stride
-# 2: 0.83); partly filled vectors lose too (odd3, 100 -> 120 channels: 0.94 and 0.86; odd5,
-# 48 -> 80: 0.95 and 0.87), as does the forward of a 1x1 kernel (0.87).
-CHANNEL_BLOCKED_MAX_WIDTH = 32  # output columns at stride 1; at stride 2 a quarter
+# The forward and the input gradient run on the channel-blocked layout on narrow images whose
+# channels fill whole vectors. There the grid computes many spare columns and its rows are
+# short, while the blocked tile computes only real pixels. Same-process A/B of each pass alone
+# (grid / blocked time), forward and input gradient: res14 1.08 and 1.10, res28 1.03 and 1.06,
+# mnist2 1.16 and 1.20, 64 channels at 7x7 1.22 and 1.25; stride 2, res14 1.03-1.07 and 1.22,
+# res28 0.94 and 1.12, 512 channels at 14x14 1.11 and 1.24. On wide images the grid wastes
+# little and packs more cheaply (res56 0.96 and 0.96; stride 2: 0.87 and 0.98, and 64 channels
+# at 32x32 0.86 and 0.95); a strided forward reads four times the input per output. Partly
+# filled vectors lose too (odd3, 100 -> 120 channels: 0.94 and 0.86; odd5, 48 -> 80: 0.95 and
+# 0.87), as does the forward of a 1x1 kernel (0.87).
+CHANNEL_BLOCKED_MAX_WIDTH = 28  # input-gradient width; forward: output width x stride^2
 # None: each pass takes the layout the rules above choose; True / False: the channel-blocked
-# layout wherever it is implemented (groups == 1; the forward at column stride 1 or 2, the input
-# gradient at stride 1) / nowhere. For tests.
+# layout wherever it is implemented (groups == 1; for the forward, column stride 1 or 2) /
+# nowhere. For tests.
 FORCE_CHANNEL_BLOCKED = None
 
 
@@ -369,102 +370,173 @@ def blocked_forward(geometry, itemsize):
 
 
 def blocked_input_gradient(geometry, itemsize):
-    """Whether the input gradient of ``geometry`` runs on the channel-blocked layout (stride 1
-    only: a correlation of the output gradient with the flipped kernel)."""
+    """Whether the input gradient of ``geometry`` runs on the channel-blocked layout."""
     g = geometry
-    return (g.groups == 1 and g.stride == (1, 1) and _blocked_correlation_pays(
-        g.out_channels, g.in_channels, g.width, 1, g.kernel, itemsize))
+    return g.groups == 1 and _blocked_correlation_pays(
+        g.out_channels, g.in_channels, g.width, 1, g.kernel, itemsize)
 
 
 class ChannelBlockedPlan:
-    """A convolution on the channel-blocked layout (``conv2d.blocked_correlate`` and
-    ``conv2d.blocked_grad_weight``). Only for ``groups == 1``.
+    """The forward and the weight gradient on the channel-blocked layout
+    (``conv2d.blocked_correlate`` and ``conv2d.blocked_grad_weight``). Only for ``groups == 1``.
 
     The padded input is stored ``(N, CB, H + pads, W + pads, LANES)``: LANES (one vector of
     the dtype) channels innermost. The weight gradient reads a whole vector of channels per
     output pixel for each tap ``(b, kh, kw)``, at ``offsets[(b * KH + kh) * KW + kw]``, and the
-    output gradient as given, in rows of OW pixels. The correlation reads one input value per
-    term ``((b * KH + kh) * KW + kw) * LANES + lane`` (channel ``b * LANES + lane`` at tap
-    (kh, kw)), at ``term_offsets``, and writes LANES output channels per vector. Neither
-    computes spare grid columns.
-
-    With ``input_gradient`` (stride 1 only) the plan describes the input gradient as such a
-    correlation: of the output gradient (its channels are the filters), padded by the dilated
-    kernel's reach minus the forward's padding (negative: cropped), with the flipped,
-    transposed kernel (``gather_blocked_weights``), giving the C channels of x.
+    output gradient as given, in rows of OW pixels. The forward reads one input value per term
+    ``((b * KH + kh) * KW + kw) * LANES + lane`` (channel ``b * LANES + lane`` at tap (kh, kw)),
+    at ``term_offsets``, and writes LANES filters per vector. Neither computes spare grid
+    columns.
     """
 
-    def __init__(self, geometry, itemsize, input_gradient=False):
+    def __init__(self, geometry, itemsize):
         g = geometry
         self.geometry = g
-        self.input_gradient = input_gradient
         (dh, dw), (kernel_h, kernel_w) = g.dilation, g.kernel
-        if input_gradient:
-            assert g.stride == (1, 1)
-            # output row h reads padded rows h .. h + reach; the gradient's row r sits at
-            # r + reach - pad_top (the bottom padding makes the rows up to H - 1 + reach: it is
-            # not reach - pad_bottom when the geometry's output is cut, as a transposed
-            # convolution's with output_padding >= stride is)
-            reach_h, reach_w = (kernel_h - 1) * dh, (kernel_w - 1) * dw
-            self.pad = (reach_h - g.pad[0], g.height + g.pad[0] - g.out_height,
-                        reach_w - g.pad[2], g.width + g.pad[2] - g.out_width)
-            self.in_channels, self.out_channels = g.out_channels, g.in_channels
-            in_height, in_width = g.out_height, g.out_width
-            self.out_height, self.out_width = g.height, g.width
-        else:
-            self.pad = g.pad
-            self.in_channels, self.out_channels = g.in_channels, g.out_channels
-            in_height, in_width = g.height, g.width
-            self.out_height, self.out_width = g.out_height, g.out_width
-        self.padded_height = in_height + self.pad[0] + self.pad[1]
-        self.padded_width = in_width + self.pad[2] + self.pad[3]
-        self.lanes = self.lanes_for(itemsize)
-        self.blocks = -(-self.in_channels // self.lanes)
+        self.lanes = VECTOR_BYTES // itemsize
+        self.blocks = -(-g.in_channels // self.lanes)
         block, kh, kw = np.meshgrid(np.arange(self.blocks), np.arange(kernel_h),
                                     np.arange(kernel_w), indexing="ij")
-        offsets = ((block * self.padded_height + kh * dh) * self.padded_width
-                   + kw * dw) * self.lanes
+        offsets = ((block * g.padded_height + kh * dh) * g.padded_width + kw * dw) * self.lanes
         # an even number of taps for the tiles of 6, 4 or 2; a padding tap reads real data and
         # its (discarded) result lands in a column of its own
         self.offsets = np.zeros(round_up(offsets.size, 2), dtype=np.int64)
         self.offsets[:offsets.size] = offsets.reshape(-1)
         self.term_offsets = (offsets.reshape(-1, 1) + np.arange(self.lanes)).reshape(-1)
-        self.out_blocks = -(-self.out_channels // self.lanes)
-        self.pixel_tiles = -(-self.out_width // BROADCAST_PIXELS)
+        self.filter_blocks = -(-g.out_channels // self.lanes)
+        self.pixel_tiles = -(-g.out_width // BROADCAST_PIXELS)
         # output lines per block, by the input lines they read
-        line_bytes = g.stride[0] * self.padded_width * self.lanes * itemsize
+        line_bytes = g.stride[0] * g.padded_width * self.lanes * itemsize
         self.block_lines = max(1, BLOCKED_INPUT_BYTES // line_bytes)
 
     @staticmethod
-    def lanes_for(itemsize):
-        """Channels per block: one vector of elements of ``itemsize`` bytes."""
-        return VECTOR_BYTES // itemsize
-
-    @staticmethod
     @functools.lru_cache(maxsize=64)
-    def for_geometry(geometry, itemsize, input_gradient=False):
-        """The plan for ``geometry``, an element size and a pass, built once."""
-        return ChannelBlockedPlan(geometry, itemsize, input_gradient)
+    def for_geometry(geometry, itemsize):
+        """The plan for ``geometry`` and an element size, built once."""
+        return ChannelBlockedPlan(geometry, itemsize)
 
     def pack_input(self, x):
-        """The correlation's input (x, or the output gradient) in the channel-blocked layout,
-        padded, on a cache-line boundary."""
-        blocked = aligned_empty((x.shape[0], self.blocks, self.padded_height, self.padded_width,
-                                 self.lanes), x.dtype)
-        pack_channel_blocks(x, blocked, self.pad[0], self.pad[2])
-        return blocked
+        """x (N, C, H, W) in the channel-blocked layout, padded, on a cache-line boundary."""
+        g = self.geometry
+        return pack_blocked(x, self.blocks, g.padded_height, g.padded_width, g.pad[0], g.pad[2],
+                            self.lanes)
 
-    def correlation_weights(self, weight):
-        """weight (F, C, KH, KW) as ``blocked_correlate``'s (OB, T, LANES) matrix."""
-        blocked = aligned_empty((self.out_blocks, self.term_offsets.size, self.lanes),
-                                weight.dtype)
-        gather_blocked_weights(weight, self.input_gradient, blocked)
-        return blocked
+    def forward_weights(self, weight):
+        """weight (F, C, KH, KW) as ``blocked_correlate``'s (FB, T, LANES) matrix."""
+        g = self.geometry
+        return gather_blocked(weight, False, np.arange(g.kernel[0]), np.arange(g.kernel[1]),
+                              self.filter_blocks, self.term_offsets.size, self.lanes)
 
     def splits(self, thread_count):
         """(row_splits, tap_splits) for ``blocked_grad_weight``: one task per thread, by rows
         where there are enough row tiles (every task reads all of the input for its taps)."""
-        row_tiles = -(-self.out_channels // ROW_TILE)
+        row_tiles = -(-self.geometry.out_channels // ROW_TILE)
         tap_tiles = -(-self.offsets.size // OUTER_TAPS)
         row_splits = min(row_tiles, thread_count)
         return row_splits, max(1, min(tap_tiles, thread_count // row_splits))
+
+
+class BlockedInputGradPlan:
+    """The input gradient on the channel-blocked layout, one stride-1 ``blocked_correlate`` of
+    the output gradient per stride phase (as ``InputGradPlan`` on the grid).
+
+    Input position ``h = i * sh + a - pad_top`` takes the taps with ``kh * dh = a + m * sh``,
+    from output-gradient row ``i - m``. With the gradient's row ``r`` placed at ``margin + r``
+    (``margin = ((K - 1) * d) // s``) every read is a non-negative constant offset; only the
+    lines and columns some tap reads are packed (for stride 1 the H + reach lines of the
+    transposed correlation, the gradient behind reach - pad_top zero lines). A phase's
+    correlation computes its rows ``i0 <= i < i1`` (those inside x), which ``unblock_output``
+    puts at every ``sh``-th row of grad_x.
+
+    ``phases``: (first x row, first x column, term_offsets, taps_h, taps_w, rows, columns) of
+    each phase with taps and positions; ``complete``: whether they cover all of grad_x.
+    """
+
+    def __init__(self, geometry, itemsize):
+        g = geometry
+        self.geometry = g
+        (sh, sw), (dh, dw) = g.stride, g.dilation
+        self.lanes = VECTOR_BYTES // itemsize
+        self.blocks = -(-g.out_channels // self.lanes)  # of the output gradient's channels
+        self.channel_blocks = -(-g.in_channels // self.lanes)
+        axes = [self._axis_phases(g.kernel[0], sh, dh, g.pad[0], g.height),
+                self._axis_phases(g.kernel[1], sw, dw, g.pad[2], g.width)]
+        (first_h, stop_h), (first_w, stop_w) = (self._read_range(axis) for axis in axes)
+        self.pad_top, self.pad_left = axes[0][0][5] - first_h, axes[1][0][5] - first_w
+        self.padded_height, self.padded_width = stop_h - first_h, stop_w - first_w
+        self.phases = []
+        self.complete = True
+        for taps_h, first_row, rows, shifts_h, _, _ in axes[0]:
+            for taps_w, first_column, columns, shifts_w, _, _ in axes[1]:
+                if rows <= 0 or columns <= 0:
+                    continue  # no position of x in this phase
+                if not taps_h or not taps_w:
+                    self.complete = False  # its positions get no gradient, only the bias
+                    continue
+                block = np.arange(self.blocks)[:, None, None]
+                offsets = ((block * self.padded_height + (shifts_h - first_h)[None, :, None])
+                           * self.padded_width + (shifts_w - first_w)[None, None, :])
+                term_offsets = ((offsets.reshape(-1, 1) * self.lanes)
+                                + np.arange(self.lanes)).reshape(-1)
+                self.phases.append((first_row, first_column, term_offsets,
+                                    np.array(taps_h, dtype=np.int64),
+                                    np.array(taps_w, dtype=np.int64), rows, columns))
+
+    @staticmethod
+    def _axis_phases(kernel, stride, dilation, pad, size):
+        """Per phase of one axis: (taps, first x position, positions, shifts, stop read,
+        margin); tap k of the phase reads lines from shifts[k] on, in coordinates where the
+        gradient starts at ``margin``."""
+        margin = ((kernel - 1) * dilation) // stride
+        phases = []
+        for a in range(stride):
+            # latest tap first: its reads start earliest, so a phase's terms read in
+            # ascending order (descending, the stride-1 input gradient was ~2% slower)
+            taps = [k for k in reversed(range(kernel)) if (k * dilation - a) % stride == 0
+                    and k * dilation >= a]
+            i0 = -(-(pad - a) // stride)
+            positions = max(0, -(-(size + pad - a) // stride) - i0)
+            shifts = np.array([i0 - (k * dilation - a) // stride + margin for k in taps],
+                              dtype=np.int64)
+            stop = int(shifts.max()) + positions if taps and positions else None
+            phases.append((taps, i0 * stride + a - pad, positions, shifts, stop, margin))
+        return phases
+
+    @staticmethod
+    def _read_range(axis):
+        """(first, stop) line of one axis that some phase's tap reads."""
+        starts = [int(shifts.min()) for taps, _, positions, shifts, _, _ in axis
+                  if taps and positions]
+        stops = [stop for *_, stop, _ in axis if stop is not None]
+        return (min(starts), max(stops)) if starts else (0, 1)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def for_geometry(geometry, itemsize):
+        """The plan for ``geometry`` and an element size, built once."""
+        return BlockedInputGradPlan(geometry, itemsize)
+
+    def pack_grad_output(self, grad_out):
+        """grad_out (N, F, OH, OW) channel-blocked: the lines and columns the phases read."""
+        return pack_blocked(grad_out, self.blocks, self.padded_height, self.padded_width,
+                            self.pad_top, self.pad_left, self.lanes)
+
+    def phase_weights(self, weight, taps_h, taps_w, terms):
+        """One phase's (CB, terms, LANES) matrix of ``blocked_correlate``."""
+        return gather_blocked(weight, True, taps_h, taps_w, self.channel_blocks, terms,
+                              self.lanes)
+
+
+def pack_blocked(src, blocks, padded_height, padded_width, pad_top, pad_left, lanes):
+    """``src`` (N, C, H, W) packed as (N, blocks, padded_height, padded_width, lanes), aligned."""
+    blocked = aligned_empty((src.shape[0], blocks, padded_height, padded_width, lanes),
+                            src.dtype)
+    pack_channel_blocks(src, blocked, pad_top, pad_left)
+    return blocked
+
+
+def gather_blocked(weight, transposed, taps_h, taps_w, out_blocks, terms, lanes):
+    """``layout.gather_blocked_weights`` into a new aligned (out_blocks, terms, lanes) array."""
+    blocked = aligned_empty((out_blocks, terms, lanes), weight.dtype)
+    gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked)
+    return blocked

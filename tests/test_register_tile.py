@@ -202,45 +202,41 @@ def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, st
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["forward", "input_gradient"])
 @pytest.mark.parametrize("filters, channels", [(16, 32), (5, 21), (40, 3)])
-def test_gather_blocked_weights(filters, channels, transposed, rng):
+# all taps, or a stride phase's subset in any order
+@pytest.mark.parametrize("taps_h, taps_w", [([0, 1], [0, 1, 2]), ([1], [2, 0])])
+def test_gather_blocked_weights(filters, channels, transposed, taps_h, taps_w, rng):
     lanes = VECTOR_BYTES // 4
-    kernel_h, kernel_w = 2, 3
-    weight = rng.standard_normal((filters, channels, kernel_h, kernel_w)).astype(np.float32)
+    weight = rng.standard_normal((filters, channels, 2, 3)).astype(np.float32)
     outputs, inputs = (channels, filters) if transposed else (filters, channels)
     out_blocks, in_blocks = -(-outputs // lanes), -(-inputs // lanes)
-    blocked = np.full((out_blocks, in_blocks * kernel_h * kernel_w * lanes, lanes), np.nan,
-                      dtype=np.float32)
-    gather_blocked_weights(weight, transposed, blocked)
-    # (output, input, kh, kw) with the kernel flipped for the input gradient, zero-padded
-    by_output = (weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1] if transposed else weight)
-    padded = np.zeros((out_blocks * lanes, in_blocks * lanes, kernel_h, kernel_w), np.float32)
-    padded[:outputs, :inputs] = by_output
-    expected = padded.reshape(out_blocks, lanes, in_blocks, lanes, kernel_h, kernel_w) \
+    taps = len(taps_h) * len(taps_w)
+    blocked = np.full((out_blocks, in_blocks * taps * lanes, lanes), np.nan, dtype=np.float32)
+    gather_blocked_weights(weight, transposed, np.array(taps_h), np.array(taps_w), blocked)
+    # (output, input, taps_h, taps_w), zero-padded to whole blocks
+    by_output = weight.transpose(1, 0, 2, 3) if transposed else weight
+    at_taps = by_output[:, :, taps_h][:, :, :, taps_w]
+    padded = np.zeros((out_blocks * lanes, in_blocks * lanes, len(taps_h), len(taps_w)),
+                      np.float32)
+    padded[:outputs, :inputs] = at_taps
+    expected = padded.reshape(out_blocks, lanes, in_blocks, lanes, len(taps_h), len(taps_w)) \
         .transpose(0, 2, 4, 5, 3, 1).reshape(blocked.shape)
     np.testing.assert_array_equal(blocked, expected)
 
 
 @pytest.mark.parametrize("outputs", [16, 21, 40])
-def test_unblock_output(outputs, rng):
+# all of dst, or one stride phase of it
+@pytest.mark.parametrize("first_row, first_column, row_step, column_step",
+                         [(0, 0, 1, 1), (1, 2, 2, 3)])
+def test_unblock_output(outputs, first_row, first_column, row_step, column_step, rng):
     lanes = VECTOR_BYTES // 4
-    blocks = -(-outputs // lanes)
-    blocked = rng.standard_normal((2, blocks, 3, 100, lanes)).astype(np.float32)  # 300 pixels
+    blocks, rows, columns = -(-outputs // lanes), 3, 33
+    blocked = rng.standard_normal((2, blocks, rows, columns, lanes)).astype(np.float32)
     bias = rng.standard_normal(outputs).astype(np.float32)
-    dst = np.full((2, outputs, 3, 100), np.nan, dtype=np.float32)
-    unblock_output(blocked, bias, dst)
-    expected = blocked.transpose(0, 1, 4, 2, 3).reshape(2, blocks * lanes, 3, 100)[:, :outputs]
-    np.testing.assert_array_equal(dst, expected + bias[:, None, None])
-
-
-@pytest.mark.parametrize("channels", [5, 16, 21])
-def test_unblock_grad_weight(channels, rng):
-    lanes = VECTOR_BYTES // 4
-    blocks, kernel_h, kernel_w, filters = -(-channels // lanes), 2, 3, 3
-    taps = blocks * kernel_h * kernel_w
-    blocked = rng.standard_normal((filters, taps + 1, lanes)).astype(np.float32)  # a padding tap
-    grad_weight = np.empty((filters, channels, kernel_h, kernel_w), dtype=np.float32)
-    unblock_grad_weight(blocked, grad_weight)
-    by_channel = blocked[:, :taps].reshape(filters, blocks, kernel_h, kernel_w, lanes)
-    expected = by_channel.transpose(0, 1, 4, 2, 3).reshape(filters, blocks * lanes, kernel_h,
-                                                            kernel_w)[:, :channels]
-    np.testing.assert_array_equal(grad_weight, expected)
+    height, width = first_row + rows * row_step, first_column + columns * column_step
+    dst = np.full((2, outputs, height, width), np.nan, dtype=np.float32)
+    unblock_output(blocked, bias, dst, first_row, first_column, row_step, column_step)
+    expected = np.full_like(dst, np.nan)
+    values = blocked.transpose(0, 1, 4, 2, 3).reshape(2, blocks * lanes, rows, columns)
+    expected[:, :, first_row::row_step, first_column::column_step] = (
+        values[:, :outputs] + bias[:, None, None])
+    np.testing.assert_array_equal(dst, expected)

@@ -17,8 +17,6 @@ from . import cached_njit
 
 # Input channels (matrix rows) per task of gather_phase_weights.
 CHANNEL_BLOCK = 16
-# Pixels per chunk of unblock_output (16 KB of float32 blocked output).
-UNBLOCK_PIXELS = 256
 
 
 @cached_njit(parallel=True)
@@ -261,27 +259,34 @@ def unblock_grad_weight(blocked, grad_weight):
 
 
 @cached_njit(parallel=True)
-def gather_blocked_weights(weight, transposed, blocked):
+def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked):
     """Fill ``blocked`` (OB, T, LANES), the weights of ``blocked_correlate``, from ``weight``
-    (F, C, KH, KW): term ``((ib * KH + kh) * KW + kw) * LANES + lane`` of output block ``ob``
-    holds, in lane ``ol``, the weight from input channel ``ib * LANES + lane`` to output
-    channel ``ob * LANES + ol`` at tap (kh, kw); zero where a channel index is out of range.
+    (F, C, KH, KW) at the taps ``taps_h x taps_w``: term ``((ib * len(taps_h) + u)
+    * len(taps_w) + v) * LANES + lane`` of output block ``ob`` holds, in lane ``ol``, the
+    weight from input channel ``ib * LANES + lane`` to output channel ``ob * LANES + ol`` at
+    tap ``(taps_h[u], taps_w[v])``; zero where a channel index is out of range.
 
     Forward (``transposed`` false): outputs are filters, inputs channels, ``weight[o, i, kh,
     kw]``. Input gradient (``transposed`` true): outputs are the channels, inputs the filters,
-    and the kernel is flipped, ``weight[i, o, KH - 1 - kh, KW - 1 - kw]``.
+    ``weight[i, o, kh, kw]``.
 
     A task fills one (output block, input block) pair (36 KB for 3x3 float32: in L1 while it
-    is scattered into), reading each (filter, channel) kernel as one run of KH * KW elements.
+    is scattered into), reading each (filter, channel) kernel as one run.
     """
     filters, channels, kernel_h, kernel_w = weight.shape
     out_blocks, terms, lanes = blocked.shape
     outputs, inputs = (channels, filters) if transposed else (filters, channels)
-    taps = kernel_h * kernel_w
+    taps_h_count = taps_h.shape[0]
+    taps = taps_h_count * taps_w.shape[0]
     in_blocks = terms // (taps * lanes)
+    tap_offsets = np.empty(taps, dtype=np.int64)  # in one (filter, channel) kernel
+    for u in range(taps_h_count):
+        for v in range(taps_w.shape[0]):
+            tap_offsets[u * taps_w.shape[0] + v] = taps_h[u] * kernel_w + taps_w[v]
     zero = blocked.dtype.type(0)
     weight_flat = weight.reshape(-1)
     blocked_flat = blocked.reshape(-1)
+    kernel_size = kernel_h * kernel_w
     for task in prange(out_blocks * in_blocks):
         out_block = task // in_blocks
         in_block = task - out_block * in_blocks
@@ -296,39 +301,45 @@ def gather_blocked_weights(weight, transposed, blocked):
             for in_lane in range(in_lanes):
                 i = in_block * lanes + in_lane
                 if transposed:
-                    kernel = np.uint64((i * channels + o) * taps)
+                    kernel = np.uint64((i * channels + o) * kernel_size)
                 else:
-                    kernel = np.uint64((o * channels + i) * taps)
+                    kernel = np.uint64((o * channels + i) * kernel_size)
                 target = pair_start + np.uint64(in_lane * lanes + out_lane)
                 for tap in range(taps):
-                    source = kernel + np.uint64(taps - 1 - tap if transposed else tap)
-                    blocked_flat[target + np.uint64(tap * lanes * lanes)] = weight_flat[source]
+                    blocked_flat[target + np.uint64(tap * lanes * lanes)] = weight_flat[
+                        kernel + np.uint64(tap_offsets[tap])]
 
 
 @cached_njit(parallel=True)
-def unblock_output(blocked, bias, dst):
-    """Set ``dst[n, o, i, j] = blocked[n, o // LANES, i, j, o % LANES] + bias[o]``: the
-    channel-blocked output (N, OB, OH, OW, LANES) of ``blocked_correlate`` back in NCHW, (N, O,
-    OH, OW). A task writes the LANES planes of one (image, block), in chunks of
-    UNBLOCK_PIXELS pixels whose blocked source stays in L1 while each lane is picked out of it
-    (lane by lane over the whole plane re-read it from L2 LANES times: res56 0.58 ms)."""
+def unblock_output(blocked, bias, dst, first_row, first_column, row_step, column_step):
+    """Set ``dst[n, o, first_row + i * row_step, first_column + j * column_step] =
+    blocked[n, o // LANES, i, j, o % LANES] + bias[o]``: the channel-blocked output
+    (N, OB, OH, OW, LANES) of ``blocked_correlate`` back in NCHW, (N, O, H, W); all of ``dst``
+    for the forward (0, 0, 1, 1), one stride phase of it for an input gradient. A task writes
+    the LANES planes of one (image, block) line by line: a line of the blocked source stays in
+    L1 while each lane is picked out of it (lane by lane over a whole plane re-read it from L2
+    LANES times: res56 0.58 ms against 0.39).
+    """
     batch, out_blocks, out_height, out_width, lanes = blocked.shape
-    outputs = dst.shape[1]
-    plane = out_height * out_width
+    outputs, height, width = dst.shape[1], dst.shape[2], dst.shape[3]
     blocked_flat = blocked.reshape(-1)
     dst_flat = dst.reshape(-1)
     for task in prange(batch * out_blocks):
         n = task // out_blocks
         out_block = task - n * out_blocks
-        source = np.uint64(task * plane * lanes)
         valid_lanes = min(lanes, outputs - out_block * lanes)
-        for first in range(0, plane, UNBLOCK_PIXELS):
-            count = min(UNBLOCK_PIXELS, plane - first)
+        for i in range(out_height):
+            source = np.uint64((task * out_height + i) * out_width * lanes)
             for lane in range(valid_lanes):
                 o = out_block * lanes + lane
-                target = np.uint64((n * outputs + o) * plane + first)
-                chunk = source + np.uint64(first * lanes + lane)
+                target = np.uint64(((n * outputs + o) * height + first_row + i * row_step)
+                                   * width + first_column)
                 value = bias[o]
-                for pixel in range(count):
-                    dst_flat[target + np.uint64(pixel)] = (
-                        blocked_flat[chunk + np.uint64(pixel * lanes)] + value)
+                if column_step == 1:  # unit-stride stores (the strided loop: 20% slower)
+                    for j in range(out_width):
+                        dst_flat[target + np.uint64(j)] = (
+                            blocked_flat[source + np.uint64(j * lanes + lane)] + value)
+                else:
+                    for j in range(out_width):
+                        dst_flat[target + np.uint64(j * column_step)] = (
+                            blocked_flat[source + np.uint64(j * lanes + lane)] + value)
