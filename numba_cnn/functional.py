@@ -138,11 +138,13 @@ UNBLOCK_LINE_PIXELS = 512
 def _unblock(out, bias, dst, first_row, first_column, row_step, column_step):
     """``unblock_output``, in longer lines where the phase is all of ``dst``."""
     batch, blocks, rows, columns, lanes = out.shape
-    if (rows, columns) == dst.shape[2:]:
+    if (first_row, first_column) == (0, 0) and (rows, columns) == dst.shape[2:]:
+        # all of dst (a step > 1 then only occurs along an axis of size 1): a contiguous copy
         plane = rows * columns
         line = max(d for d in range(1, min(plane, UNBLOCK_LINE_PIXELS) + 1) if plane % d == 0)
         out = out.reshape(batch, blocks, plane // line, line, lanes)
         dst = dst.reshape(batch, dst.shape[1], plane // line, line)
+        row_step = column_step = 1
     unblock_output(out, bias, dst, first_row, first_column, row_step, column_step)
 
 

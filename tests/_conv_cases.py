@@ -78,6 +78,11 @@ _CASES = [
     ("c20_f36", ConvCase(2, 20, 8, 7, 36, 3, 3, padding=1)),
     ("c20_f36_g4_s2", ConvCase(1, 20, 9, 9, 36, 3, 3, groups=4, stride=2, padding="valid")),
     ("h1_w_wide", ConvCase(2, 3, 1, 9, 2, 1, 3, padding=(0, 1))),
+    # found by fuzzing the channel-blocked input gradient: a column stride along a width of 1
+    # (its one phase is all of grad_x), and reads that all lie in the left margin
+    ("w1_stride3", ConvCase(3, 32, 7, 1, 32, 1, 3, stride=(1, 3), padding=2)),
+    ("w1_reads_in_margin", ConvCase(2, 32, 4, 1, 16, 1, 3, stride=(1, 2), padding=(0, 3),
+                                    dilation=(1, 2))),
 ]
 
 CASES = [case for _, case in _CASES]

@@ -113,6 +113,10 @@ _CASES = [
     ("c7_f11", TCase(2, 7, 4, 4, 11, 3, 3, padding=1)),
     ("c20_f36_g4_s2", TCase(1, 20, 4, 5, 36, 3, 3, groups=4, stride=2, padding=1,
                             output_padding=1)),
+    # found by fuzzing the channel-blocked input gradient (this forward): reads that all lie in
+    # the left margin of a width-1 input
+    ("w1_reads_in_margin", TCase(3, 32, 3, 1, 29, 3, 4, stride=(3, 2), padding=3,
+                                 dilation=(2, 2))),
 ]
 CASES = [case for _, case in _CASES]
 CASE_IDS = [name for name, _ in _CASES]

@@ -227,8 +227,8 @@ def pack_channel_blocks(src, dst, pad_top, pad_left):
                 dst_flat[line_start + np.uint64(element)] = zero
             if i < 0 or i >= height:
                 continue
-        else:
-            for element in range((first + pad_left) * lanes):
+        else:  # the padding columns only (a left pad can reach past the line: clamped)
+            for element in range(min((first + pad_left) * lanes, line_len)):
                 dst_flat[line_start + np.uint64(element)] = zero
             for element in range((stop + pad_left) * lanes, line_len):
                 dst_flat[line_start + np.uint64(element)] = zero
