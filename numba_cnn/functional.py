@@ -117,14 +117,19 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
     src = plan.pack_grad_output(grad_out)
     dtype = grad_out.dtype
     bias_values = np.zeros(geometry.in_channels, dtype) if bias is None else bias
-    grad_x = np.empty(geometry.input_shape, dtype=dtype)
-    if not plan.complete:  # positions no tap reaches hold the bias alone
-        grad_x[...] = bias_values[:, None, None]
-    for first_row, first_column, offsets, taps_h, taps_w, rows, columns in plan.phases:
+    outs = []  # every phase's result, computed before grad_x exists: a lower memory peak
+    for _, _, offsets, taps_h, taps_w, rows, columns in plan.phases:
         matrix = plan.phase_weights(weight, taps_h, taps_w, offsets.size)
         out = aligned_empty((geometry.batch, plan.channel_blocks, rows, columns, plan.lanes),
                             dtype)
         blocked_correlate[1](src, offsets, matrix, out, 1, -(-columns // BROADCAST_PIXELS))
+        outs.append(out)
+        del matrix, out
+    del src
+    grad_x = np.empty(geometry.input_shape, dtype=dtype)
+    if not plan.complete:  # positions no tap reaches hold the bias alone
+        grad_x[...] = bias_values[:, None, None]
+    for (first_row, first_column, *_), out in zip(plan.phases, outs):
         _unblock(out, bias_values, grad_x, first_row, first_column, *geometry.stride)
     return grad_x
 

@@ -83,6 +83,8 @@ _CASES = [
     ("w1_stride3", ConvCase(3, 32, 7, 1, 32, 1, 3, stride=(1, 3), padding=2)),
     ("w1_reads_in_margin", ConvCase(2, 32, 4, 1, 16, 1, 3, stride=(1, 2), padding=(0, 3),
                                     dilation=(1, 2))),
+    # x's only pixel lies in a stride phase without taps: its gradient is zero
+    ("x1_in_tapless_phase", ConvCase(2, 3, 1, 1, 4, 1, 1, stride=2, padding=1)),
 ]
 
 CASES = [case for _, case in _CASES]
