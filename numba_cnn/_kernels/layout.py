@@ -270,8 +270,10 @@ def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked):
     kw]``. Input gradient (``transposed`` true): outputs are the channels, inputs the filters,
     ``weight[i, o, kh, kw]``.
 
-    A task fills one (output block, input block) pair (36 KB for 3x3 float32: in L1 while it
-    is scattered into), reading each (filter, channel) kernel as one run.
+    A task fills one (output block, input block) pair (36 KB for 3x3 float32), tap by tap and
+    input channel by input channel, each a contiguous run of LANES outputs gathered from a
+    source block that stays in L1 (9 KB). Kernel by kernel, scattering each one's taps LANES^2
+    elements apart, ran 2.3-2.7x slower: 0.28 ms for res14's 2.4 MB against 0.11.
     """
     filters, channels, kernel_h, kernel_w = weight.shape
     out_blocks, terms, lanes = blocked.shape
@@ -287,6 +289,9 @@ def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked):
     weight_flat = weight.reshape(-1)
     blocked_flat = blocked.reshape(-1)
     kernel_size = kernel_h * kernel_w
+    # elements between consecutive outputs and inputs in weight
+    out_stride = kernel_size if transposed else channels * kernel_size
+    in_stride = channels * kernel_size if transposed else kernel_size
     for task in prange(out_blocks * in_blocks):
         out_block = task // in_blocks
         in_block = task - out_block * in_blocks
@@ -296,18 +301,14 @@ def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked):
         if out_lanes < lanes or in_lanes < lanes:
             for element in range(taps * lanes * lanes):
                 blocked_flat[pair_start + np.uint64(element)] = zero
-        for out_lane in range(out_lanes):
-            o = out_block * lanes + out_lane
+        block_source = np.uint64(out_block * lanes * out_stride + in_block * lanes * in_stride)
+        for tap in range(taps):
             for in_lane in range(in_lanes):
-                i = in_block * lanes + in_lane
-                if transposed:
-                    kernel = np.uint64((i * channels + o) * kernel_size)
-                else:
-                    kernel = np.uint64((o * channels + i) * kernel_size)
-                target = pair_start + np.uint64(in_lane * lanes + out_lane)
-                for tap in range(taps):
-                    blocked_flat[target + np.uint64(tap * lanes * lanes)] = weight_flat[
-                        kernel + np.uint64(tap_offsets[tap])]
+                source = block_source + np.uint64(in_lane * in_stride + tap_offsets[tap])
+                target = pair_start + np.uint64((tap * lanes + in_lane) * lanes)
+                for out_lane in range(out_lanes):
+                    blocked_flat[target + np.uint64(out_lane)] = weight_flat[
+                        source + np.uint64(out_lane * out_stride)]
 
 
 @cached_njit(parallel=True)
