@@ -1,8 +1,12 @@
-"""Tap offsets, weight matrices and grid buffers that map a convolution onto the grid kernels.
+"""Tap offsets, weight matrices and buffers that map a convolution onto the kernels, and the
+rules that choose, per pass, between the two layouts: the flat pixel grid (``ForwardPlan``,
+``InputGradPlan``) and the channel-blocked layout (``ChannelBlockedPlan``,
+``BlockedInputGradPlan``).
 
-Pure NumPy and arithmetic, no Numba: this is where the index bookkeeping of strides, dilation,
-padding and groups lives, so the kernels in ``_kernels/conv2d.py`` only ever see "rows, taps,
-offsets". See that module's docstring for the primitive being targeted.
+Pure NumPy and arithmetic (the kernels are called only to pack and gather): this is where the
+index bookkeeping of strides, dilation, padding and groups lives, so the kernels in
+``_kernels/conv2d.py`` only ever see "rows, taps, offsets". See that module's docstring for the
+primitives being targeted.
 """
 import functools
 
