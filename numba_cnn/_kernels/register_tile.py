@@ -389,31 +389,34 @@ def _python_tile(rows, vectors):
 _build = _python_tile if config.DISABLE_JIT else _build_tile
 
 
+def _literal_dispatch(tiles, arguments):
+    """An inlined ``dispatch(key, *arguments)`` that calls ``tiles[key]``: each tile has a
+    literal shape (LLVM must know the number of accumulators), and the branch picks one at run
+    time. Generated, so that every runner below is the same few lines; keys are small ints."""
+    names = ", ".join(arguments)
+    lines = [f"def dispatch(key, {names}):"]
+    for number, key in enumerate(tiles):
+        lines.append(f"    {'if' if number == 0 else 'elif'} key == {int(key)}:")
+        lines.append(f"        tile_{number}({names})")
+    namespace = {f"tile_{number}": tile for number, tile in enumerate(tiles.values())}
+    exec("\n".join(lines), namespace)  # noqa: S102 - source generated above, no user input
+    return njit(inline="always")(namespace["dispatch"])
+
+
 def _build_runner(rows):
     """``run_tile(vectors, src, src_start, offsets, weight, weight_start, weight_row_stride,
-    out, out_start, out_row_stride, accumulate)``: the tile of ``rows`` x ``vectors`` (1..6),
-    over all ``offsets.shape[0]`` taps. Each width is its own literal tile (the accumulators'
-    count must be known to LLVM); the branch picks one at run time."""
-    tile_1, tile_2, tile_3, tile_4, tile_5, tile_6 = (_build(rows, v) for v in range(1, 7))
+    out, out_start, out_row_stride, accumulate)``: the tile of ``rows`` x ``vectors``
+    (1..VECTORS), over all ``offsets.shape[0]`` taps."""
+    dispatch = _literal_dispatch(
+        {vectors: _build(rows, vectors) for vectors in range(VECTORS, 0, -1)},
+        ("src", "src_start", "offsets", "weight", "weight_start", "weight_row_stride", "out",
+         "out_start", "out_row_stride", "taps", "accumulate"))
 
     @njit(inline="always")
     def run_tile(vectors, src, src_start, offsets, weight, weight_start, weight_row_stride, out,
                  out_start, out_row_stride, accumulate):
-        taps = offsets.shape[0]
-        arguments = (src, src_start, offsets, weight, weight_start, weight_row_stride, out,
-                     out_start, out_row_stride, taps, accumulate)
-        if vectors == 6:
-            tile_6(*arguments)
-        elif vectors == 5:
-            tile_5(*arguments)
-        elif vectors == 4:
-            tile_4(*arguments)
-        elif vectors == 3:
-            tile_3(*arguments)
-        elif vectors == 2:
-            tile_2(*arguments)
-        else:
-            tile_1(*arguments)
+        dispatch(vectors, src, src_start, offsets, weight, weight_start, weight_row_stride, out,
+                 out_start, out_row_stride, offsets.shape[0], accumulate)
 
     return run_tile
 
@@ -423,25 +426,13 @@ run_tile_1_row = _build_runner(1)
 
 
 _build_reduce = _python_reduce_tile if config.DISABLE_JIT else _build_reduce_tile
-_reduce_tile_6, _reduce_tile_4, _reduce_tile_2 = (_build_reduce(ROWS, taps) for taps in (6, 4, 2))
-
-
-@njit(inline="always")
-def run_reduce_tile_4_rows(taps, src, src_start, src_image_stride, offsets, grad, grad_start,
-                           grad_row_stride, grad_image_stride, images, vectors, grad_weight,
-                           grad_weight_start, grad_weight_row_stride, columns):
-    """The weight-gradient tile of ROWS rows x ``taps`` (6, 4 or 2) taps: the driver's tap
-    ranges are multiples of TAP_TILE = 4 cut into REDUCE_TAPS (6 or 2), so no other count
-    occurs."""
-    arguments = (src, src_start, src_image_stride, offsets, grad, grad_start, grad_row_stride,
-                 grad_image_stride, images, vectors, grad_weight, grad_weight_start,
-                 grad_weight_row_stride, columns)
-    if taps == 6:
-        _reduce_tile_6(*arguments)
-    elif taps == 4:
-        _reduce_tile_4(*arguments)
-    else:
-        _reduce_tile_2(*arguments)
+_REDUCE_ARGUMENTS = ("src", "src_start", "src_image_stride", "offsets", "grad", "grad_start",
+                     "grad_row_stride", "grad_image_stride", "images", "vectors", "grad_weight",
+                     "grad_weight_start", "grad_weight_row_stride", "columns")
+# The weight-gradient tile of ROWS rows x ``taps`` (6, 4 or 2) taps: the driver's tap ranges are
+# multiples of TAP_TILE = 4 cut into REDUCE_TAPS (6 or 2), so no other count occurs.
+run_reduce_tile_4_rows = _literal_dispatch(
+    {taps: _build_reduce(ROWS, taps) for taps in (6, 4, 2)}, _REDUCE_ARGUMENTS)
 
 
 _build_outer = _python_outer_tile if config.DISABLE_JIT else _build_outer_tile
@@ -449,8 +440,12 @@ _build_outer = _python_outer_tile if config.DISABLE_JIT else _build_outer_tile
 # count). With AVX-512, 4 x 6 accumulators, 4 broadcasts and 6 inputs fit 32 registers; with 16
 # registers, 4 x 2 + 4 + 2 do.
 OUTER_TAPS = REDUCE_TAPS
-_outer_4_6, _outer_4_4, _outer_4_2 = (_build_outer(ROWS, taps) for taps in (6, 4, 2))
-_outer_1_6, _outer_1_4, _outer_1_2 = (_build_outer(1, taps) for taps in (6, 4, 2))
+_OUTER_ARGUMENTS = ("src", "src_start", "src_line_stride", "src_pixel_stride", "offsets",
+                    "grad", "grad_start", "grad_row_stride", "grad_line_stride", "lines",
+                    "pixels", "grad_weight", "grad_weight_start", "grad_weight_row_stride")
+_outer_by_rows = {rows: _literal_dispatch({taps: _build_outer(rows, taps) for taps in (6, 4, 2)},
+                                          _OUTER_ARGUMENTS) for rows in (ROWS, 1)}
+_run_outer_4_rows, _run_outer_1_row = _outer_by_rows[ROWS], _outer_by_rows[1]
 
 
 @njit(inline="always")
@@ -458,23 +453,15 @@ def run_outer_tile(rows, taps, src, src_start, src_line_stride, src_pixel_stride
                    grad_start, grad_row_stride, grad_line_stride, lines, pixels, grad_weight,
                    grad_weight_start, grad_weight_row_stride):
     """The channel-blocked weight-gradient tile of ``rows`` (ROWS or 1) x ``taps`` (6, 4 or 2)
-    taps; the literal tiles are picked at run time, as in ``run_reduce_tile_4_rows``."""
-    arguments = (src, src_start, src_line_stride, src_pixel_stride, offsets, grad, grad_start,
-                 grad_row_stride, grad_line_stride, lines, pixels, grad_weight,
-                 grad_weight_start, grad_weight_row_stride)
+    taps."""
     if rows == ROWS:
-        if taps == 6:
-            _outer_4_6(*arguments)
-        elif taps == 4:
-            _outer_4_4(*arguments)
-        else:
-            _outer_4_2(*arguments)
-    elif taps == 6:
-        _outer_1_6(*arguments)
-    elif taps == 4:
-        _outer_1_4(*arguments)
+        _run_outer_4_rows(taps, src, src_start, src_line_stride, src_pixel_stride, offsets,
+                          grad, grad_start, grad_row_stride, grad_line_stride, lines, pixels,
+                          grad_weight, grad_weight_start, grad_weight_row_stride)
     else:
-        _outer_1_2(*arguments)
+        _run_outer_1_row(taps, src, src_start, src_line_stride, src_pixel_stride, offsets, grad,
+                         grad_start, grad_row_stride, grad_line_stride, lines, pixels,
+                         grad_weight, grad_weight_start, grad_weight_row_stride)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,21 +551,6 @@ def _python_broadcast_tile(pixels, vectors, pixel_stride):
 _build_broadcast = _python_broadcast_tile if config.DISABLE_JIT else _build_broadcast_tile
 
 
-def _literal_dispatch(tiles, arguments):
-    """An inlined ``dispatch(count, *arguments)`` that calls ``tiles[count - 1]``: each tile
-    is a literal width (LLVM must know the number of accumulators); the branch picks one at run
-    time. Generated, since there are BROADCAST_PIXELS of them."""
-    names = ", ".join(arguments)
-    lines = [f"def dispatch(count, {names}):"]
-    for count in range(len(tiles), 0, -1):
-        keyword = "if" if count == len(tiles) else "elif"
-        lines.append(f"    {keyword} count == {count}:")
-        lines.append(f"        tile_{count}({names})")
-    namespace = {f"tile_{count}": tile for count, tile in enumerate(tiles, start=1)}
-    exec("\n".join(lines), namespace)  # noqa: S102 - source generated above, no user input
-    return njit(inline="always")(namespace["dispatch"])
-
-
 def build_broadcast_runner(pixel_stride):
     """``run_broadcast_tile(vectors, pixels, src, src_start, offsets, weight, weight_start,
     weight_vector_stride, out, out_start, out_vector_stride, terms)``: the broadcast tile of
@@ -586,8 +558,8 @@ def build_broadcast_runner(pixel_stride):
     ``pixel_stride``."""
     arguments = ("src", "src_start", "offsets", "weight", "weight_start",
                  "weight_vector_stride", "out", "out_start", "out_vector_stride", "terms")
-    by_pixels = [_literal_dispatch([_build_broadcast(pixels, vectors, pixel_stride)
-                                    for pixels in range(1, BROADCAST_PIXELS + 1)], arguments)
+    by_pixels = [_literal_dispatch({pixels: _build_broadcast(pixels, vectors, pixel_stride)
+                                    for pixels in range(BROADCAST_PIXELS, 0, -1)}, arguments)
                  for vectors in (1, BROADCAST_VECTORS)]
     one_vector, two_vectors = by_pixels
 
