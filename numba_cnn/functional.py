@@ -73,6 +73,11 @@ def _blocking(block_shape, grid, offsets, matrix, out_grid):
                                 numba.get_num_threads)
 
 
+def _bias_values(bias, channels, dtype):
+    """The per-channel values the unpacking kernels add: ``bias``, or zeros without one."""
+    return np.zeros(channels, dtype) if bias is None else bias
+
+
 @_threads_by_geometry
 def _conv2d_forward(x, weight, bias, geometry, grid=None):
     """Forward convolution of validated, contiguous, same-dtype arrays; ``grid`` is x packed by
@@ -88,7 +93,7 @@ def _conv2d_forward(x, weight, bias, geometry, grid=None):
               *_blocking(plan.block_shape, grid, plan.offsets, matrix, out_grid))
     del grid  # freed before y exists (if the caller does not hold it): a lower memory peak
     y = np.empty(geometry.output_shape, dtype=x.dtype)
-    bias_values = np.zeros(geometry.out_channels, x.dtype) if bias is None else bias
+    bias_values = _bias_values(bias, geometry.out_channels, x.dtype)
     unpack_phases(out_grid.reshape(-1), plan.phase_table, plan.phase_starts, plan.phase_lengths,
                   plan.first_rows, plan.filters_per_group, plan.filters_padded, plan.grid_w, 0,
                   0, bias_values, y)
@@ -106,7 +111,7 @@ def _blocked_forward(x, weight, bias, geometry):
                                           geometry.stride[0], plan.pixel_tiles)
     del src, matrix  # freed before y exists
     y = np.empty(geometry.output_shape, dtype=x.dtype)
-    bias_values = np.zeros(geometry.out_channels, x.dtype) if bias is None else bias
+    bias_values = _bias_values(bias, geometry.out_channels, x.dtype)
     _unblock(out, bias_values, y, 0, 0, 1, 1)
     return y
 
@@ -116,7 +121,7 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
     plan = BlockedInputGradPlan.for_geometry(geometry, grad_out.dtype.itemsize)
     src = plan.pack_grad_output(grad_out)
     dtype = grad_out.dtype
-    bias_values = np.zeros(geometry.in_channels, dtype) if bias is None else bias
+    bias_values = _bias_values(bias, geometry.in_channels, dtype)
     outs = []  # every phase's result, computed before grad_x exists: a lower memory peak
     for _, _, offsets, taps_h, taps_w, rows, columns in plan.phases:
         matrix = plan.phase_weights(weight, taps_h, taps_w, offsets.size)
@@ -174,7 +179,7 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
     del grid, out_grid  # freed before grad_x exists: a lower memory peak
     # every position of grad_x is written (the bias alone where a phase has no taps)
     grad_x = np.empty(geometry.input_shape, dtype=grad_out.dtype)
-    bias_values = np.zeros(geometry.in_channels, grad_out.dtype) if bias is None else bias
+    bias_values = _bias_values(bias, geometry.in_channels, grad_out.dtype)
     unpack_phases(out_grids, plan.phase_table, plan.phase_starts, plan.phase_lengths,
                   plan.first_rows, plan.channels_per_group, plan.channels_padded, plan.grid_w,
                   geometry.pad[0], geometry.pad[2], bias_values, grad_x)
