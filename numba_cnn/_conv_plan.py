@@ -339,45 +339,53 @@ def blocked_weight_gradient(geometry, itemsize):
             and fill >= CHANNEL_BLOCKED_MIN_FILL)
 
 
-# The forward and the input gradient run on the channel-blocked layout on narrow images whose
-# channels fill whole vectors. There the grid computes many spare columns and its rows are
-# short, while the blocked tile computes only real pixels. Same-process A/B of each pass alone
-# (grid / blocked time), forward and input gradient: res14 1.08 and 1.10, res28 1.03 and 1.06,
-# mnist2 1.16 and 1.20, 64 channels at 7x7 1.22 and 1.25; stride 2, res14 1.03-1.07 and 1.22,
-# res28 0.94 and 1.12, 512 channels at 14x14 1.11 and 1.24. On wide images the grid wastes
-# little and packs more cheaply (res56 0.96 and 0.96; stride 2: 0.87 and 0.98, and 64 channels
-# at 32x32 0.86 and 0.95); a strided forward reads four times the input per output. Partly
-# filled vectors lose too (odd3, 100 -> 120 channels: 0.94 and 0.86; odd5, 48 -> 80: 0.95 and
-# 0.87), as does the forward of a 1x1 kernel (0.87).
-CHANNEL_BLOCKED_MAX_WIDTH = 28  # input-gradient width; forward: output width x stride^2
+# The forward and the input gradient run on the channel-blocked layout where the correlation
+# reads whole vectors of at least two vectors of channels and writes at least two vectors of
+# channels (filters for the forward, input channels for the input gradient). Since
+# ``blocked_correlate`` packs each image in the thread that reads it, that is almost
+# everywhere. Same-process A/B of each pass alone (grid / blocked time), forward and input
+# gradient: res14 1.10 and 1.16, res28 1.07 and 1.10, res56 1.04 and 1.04, mnist2 1.24 and
+# 1.23, odd5 (48 -> 80 channels, 5x5) 1.08 and 1.08, dil56 1.04 and 1.10, a 1x1 kernel (256 ->
+# 64 at 14x14) 1.04 and 1.15; stride 2: res14 1.17 and 1.36, res28 1.19 and 1.11, res56 1.05-
+# 1.11 (forward), dcgan's 64 -> 128 at 32x32 1.10 (forward). Where they lose, the grid stays:
+# - one vector of channels: 16 channels in 0.96 (forward) and 0.90 (input gradient), 16
+#   filters 0.87 (forward);
+# - partly filled vectors: odd3 (100 -> 120 channels) 1.00 and 0.97;
+# - strided input gradients of images wider than CHANNEL_BLOCKED_MAX_WIDTH: one correlation
+#   per stride phase, each packing the gradient again (res56 s2 0.91, 64 channels at 32x32
+#   0.87).
+CHANNEL_BLOCKED_MAX_WIDTH = 28  # of x, for strided input gradients
 # None: each pass takes the layout the rules above choose; True / False: the channel-blocked
 # layout wherever it is implemented (groups == 1; for the forward, column stride 1 or 2) /
 # nowhere. For tests.
 FORCE_CHANNEL_BLOCKED = None
 
 
-def _blocked_correlation_pays(in_channels, out_channels, out_width, stride_w, kernel, itemsize):
+def _blocked_correlation_pays(in_channels, out_channels, itemsize):
     """Whether a correlation from ``in_channels`` to ``out_channels`` runs channel-blocked."""
-    if FORCE_CHANNEL_BLOCKED is not None:
-        return FORCE_CHANNEL_BLOCKED
     lanes = VECTOR_BYTES // itemsize
-    return (in_channels % lanes == 0 and out_channels % (BROADCAST_VECTORS * lanes) == 0
-            and kernel != (1, 1) and out_width * stride_w * stride_w <= CHANNEL_BLOCKED_MAX_WIDTH)
+    return in_channels % lanes == 0 and min(in_channels, out_channels) >= 2 * lanes
 
 
 def blocked_forward(geometry, itemsize):
     """Whether the forward of ``geometry`` runs on the channel-blocked layout."""
     g = geometry
-    return (g.groups == 1 and g.stride[1] in BLOCKED_COLUMN_STRIDES
-            and _blocked_correlation_pays(g.in_channels, g.out_channels, g.out_width,
-                                          g.stride[1], g.kernel, itemsize))
+    if g.groups != 1 or g.stride[1] not in BLOCKED_COLUMN_STRIDES:
+        return False
+    if FORCE_CHANNEL_BLOCKED is not None:
+        return FORCE_CHANNEL_BLOCKED
+    return _blocked_correlation_pays(g.in_channels, g.out_channels, itemsize)
 
 
 def blocked_input_gradient(geometry, itemsize):
     """Whether the input gradient of ``geometry`` runs on the channel-blocked layout."""
     g = geometry
-    return g.groups == 1 and _blocked_correlation_pays(
-        g.out_channels, g.in_channels, g.width, 1, g.kernel, itemsize)
+    if g.groups != 1:
+        return False
+    if FORCE_CHANNEL_BLOCKED is not None:
+        return FORCE_CHANNEL_BLOCKED
+    return (_blocked_correlation_pays(g.out_channels, g.in_channels, itemsize)
+            and (g.stride == (1, 1) or g.width <= CHANNEL_BLOCKED_MAX_WIDTH))
 
 
 class ChannelBlockedPlan:
@@ -519,11 +527,6 @@ class BlockedInputGradPlan:
     def for_geometry(geometry, itemsize):
         """The plan for ``geometry`` and an element size, built once."""
         return BlockedInputGradPlan(geometry, itemsize)
-
-    def pack_grad_output(self, grad_out):
-        """grad_out (N, F, OH, OW) channel-blocked: the lines and columns the phases read."""
-        return pack_blocked(grad_out, self.blocks, self.padded_height, self.padded_width,
-                            self.pad_top, self.pad_left, self.lanes)
 
     def phase_weights(self, weight, taps_h, taps_w, terms):
         """One phase's (CB, terms, LANES) matrix of ``blocked_correlate``."""

@@ -5,6 +5,7 @@ and the channel-blocked weight gradient with its layout kernels.
 The convolution tests reach these kernels through the plans; here the arguments are drawn
 directly, so every tile width (1..VECTORS vectors) and both row counts run on random taps.
 """
+import numba
 import numpy as np
 import pytest
 
@@ -166,11 +167,20 @@ def test_pack_channel_blocks(channels, pads, dtype, rng):
     padded_h, padded_w = height + top + bottom, width + left + right
     dst = np.full((2, blocks, padded_h, padded_w, lanes), np.nan, dtype=dtype)
     pack_channel_blocks(src, dst, top, left)
-    big = np.zeros((2, blocks * lanes, height + 8, width + 8), dtype=dtype)  # pads of 4
+    np.testing.assert_array_equal(dst, blocked_by_formula(src, lanes, top, left, padded_h,
+                                                          padded_w))
+
+
+def blocked_by_formula(src, lanes, top, left, padded_h, padded_w):
+    """src (N, C, H, W) in the blocked layout (N, CB, padded_h, padded_w, lanes), zero-padded
+    by ``top`` and ``left`` (negative: cropped) and zero in the channels >= C."""
+    batch, channels, height, width = src.shape
+    blocks = -(-channels // lanes)
+    big = np.zeros((batch, blocks * lanes, height + padded_h + 8, width + padded_w + 8),
+                   dtype=src.dtype)  # room for pads and crops of up to 4 on either side
     big[:, :channels, 4:4 + height, 4:4 + width] = src
     window = big[:, :, 4 - top:4 - top + padded_h, 4 - left:4 - left + padded_w]
-    expected = window.reshape(2, blocks, lanes, padded_h, padded_w).transpose(0, 1, 3, 4, 2)
-    np.testing.assert_array_equal(dst, expected)
+    return window.reshape(batch, blocks, lanes, padded_h, padded_w).transpose(0, 1, 3, 4, 2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -183,21 +193,44 @@ def test_pack_channel_blocks(channels, pads, dtype, rng):
 def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, stride, dtype, rng):
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     sh, sw = stride
-    batch, blocks, out_height, terms = 2, 2, 3, 7
+    batch, blocks, out_height, terms = 3, 2, 3, 7
     height, width = (out_height - 1) * sh + 2, (out_width - 1) * sw + 3
-    src = rng.standard_normal((batch, blocks, height, width, lanes)).astype(dtype)
+    # the kernel packs src itself, image by image: a partial channel block, padding on the top
+    # and left, a crop on the right
+    top, left = 1, 2
+    src = rng.standard_normal((batch, 2 * lanes - 3, height - top, width - left + 1))
+    src = src.astype(dtype)
+    # a packing slot per thread (or more), or all images packed beforehand
+    prepacked = out_width % 4 == 3
+    slots = batch if prepacked else numba.get_num_threads() + out_width % 3
+    packed = np.full((slots, blocks, height, width, lanes), np.nan, dtype=dtype)
+    if prepacked:
+        pack_channel_blocks(src, packed, top, left)
     reach = ((out_height - 1) * sh * width + (out_width - 1) * sw) * lanes + 1
-    offsets = rng.integers(0, src[0].size - reach, size=terms).astype(np.int64)
+    offsets = rng.integers(0, packed[0].size - reach, size=terms).astype(np.int64)
     weight = rng.standard_normal((filter_blocks, terms, lanes)).astype(dtype)
     out = np.full((batch, filter_blocks, out_height, out_width, lanes), np.nan, dtype=dtype)
-    blocked_correlate[sw](src, offsets, weight, out, sh, -(-out_width // BROADCAST_PIXELS))
-    image = src.reshape(batch, -1).astype(np.float64)
+    unused = np.full_like(src, np.nan)  # what src is for a prepacked call
+    slot_images = np.full(0 if prepacked else slots + 1, -1, dtype=np.int64)
+    blocked_correlate[sw](unused if prepacked else src, top, left, packed, slot_images, offsets,
+                          weight, out, sh, -(-out_width // BROADCAST_PIXELS))
+    image = blocked_by_formula(src, lanes, top, left, height, width).reshape(batch, -1)
     i, j = np.meshgrid(np.arange(out_height), np.arange(out_width), indexing="ij")
     starts = (i * sh * width + j * sw) * lanes  # (OH, OW)
-    reads = image[:, starts[..., None] + offsets]  # (N, OH, OW, T)
+    reads = image.astype(np.float64)[:, starts[..., None] + offsets]  # (N, OH, OW, T)
     expected = np.einsum("nijt,btl->nbijl", reads, weight)
     np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_blocked_correlation_refuses_fewer_slots_than_threads():
+    # a thread without a slot of its own would pack into another thread's image, or out of bounds
+    src = np.ones((1, 16, 3, 3), dtype=np.float32)
+    packed = np.empty((0, 1, 3, 3, 16), dtype=np.float32)
+    out = np.empty((1, 1, 3, 3, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match="slots"):
+        blocked_correlate[1](src, 0, 0, packed, np.full(1, -1), np.zeros(1, dtype=np.int64),
+                             np.ones((1, 1, 16), dtype=np.float32), out, 1, 1)
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["forward", "input_gradient"])

@@ -11,7 +11,7 @@ weight gradient's output-gradient grid is ``[row, n, pixel]``.
 These helpers are shared by every convolution family, so they compile once per dtype.
 """
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from . import cached_njit
 
@@ -195,49 +195,72 @@ def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix):
                 matrix[row, column] = zero
 
 
+@njit
+def _pack_channel_line(src_flat, dst_flat, line_start, n, block, i, src_shape, padded_width,
+                       lanes, pad_left):
+    """Fill the ``padded_width * lanes`` elements of ``dst_flat`` from ``line_start`` on with line
+    ``i`` (a row of src when ``0 <= i < H``) of channel block ``block`` of image ``n`` of
+    ``src_flat``, the flat (N, C, H, W) ``src_shape`` array: the padding with zeros, then pixel
+    by pixel the LANES channels, read from LANES source rows (one vector store per pixel; a
+    strided store per element, channel by channel, ran at 0.53 ms for res56's input against
+    0.40). A negative ``pad_left`` crops."""
+    _, channels, height, width = src_shape
+    zero = dst_flat.dtype.type(0)
+    line_len = padded_width * lanes
+    # the source columns that land inside the line
+    first = max(0, -pad_left)
+    stop = max(first, min(width, padded_width - pad_left))
+    valid_lanes = min(lanes, channels - block * lanes)
+    if i < 0 or i >= height or valid_lanes < lanes:
+        for element in range(line_len):
+            dst_flat[line_start + np.uint64(element)] = zero
+        if i < 0 or i >= height:
+            return
+    else:  # the padding columns only (a left pad can reach past the line: clamped)
+        for element in range(min((first + pad_left) * lanes, line_len)):
+            dst_flat[line_start + np.uint64(element)] = zero
+        for element in range((stop + pad_left) * lanes, line_len):
+            dst_flat[line_start + np.uint64(element)] = zero
+    plane = np.uint64(height * width)
+    rows = np.uint64(((n * channels + block * lanes) * height + i) * width)
+    for j in range(first, stop):
+        target = line_start + np.uint64((j + pad_left) * lanes)
+        for lane in range(valid_lanes):
+            dst_flat[target + np.uint64(lane)] = src_flat[rows + np.uint64(lane) * plane
+                                                          + np.uint64(j)]
+
+
 @cached_njit(parallel=True)
 def pack_channel_blocks(src, dst, pad_top, pad_left):
     """Fill ``dst`` (N, CB, H + pads, W + pads, LANES) from ``src`` (N, C, H, W): the
     channel-blocked layout, ``dst[n, b, i, j, lane] = src[n, b * LANES + lane, i - pad_top,
-    j - pad_left]``, zero in the padding and for channels >= C. Negative pads crop.
-
-    A task fills one (n, b, i) line of ``dst``: its padding with zeros, then pixel by pixel the
-    LANES channels, read from LANES source rows (one vector store per pixel; a strided store
-    per element, channel by channel, ran at 0.53 ms for res56's input against 0.40).
-    """
-    batch, channels, height, width = src.shape
+    j - pad_left]``, zero in the padding and for channels >= C. Negative pads crop. A task
+    fills one (n, b, i) line of ``dst``."""
     _, blocks, padded_height, padded_width, lanes = dst.shape
-    zero = dst.dtype.type(0)
     dst_flat = dst.reshape(-1)
     src_flat = src.reshape(-1)
-    line_len = padded_width * lanes
-    plane = np.uint64(height * width)
-    for task in prange(batch * blocks * padded_height):
+    for task in prange(src.shape[0] * blocks * padded_height):
         line = np.int64(task)
         n = line // (blocks * padded_height)
         block = (line // padded_height) - n * blocks
         i = line - (n * blocks + block) * padded_height - pad_top
-        line_start = np.uint64(line * line_len)
-        # the source columns that land inside the line (a negative padding crops)
-        first = max(0, -pad_left)
-        stop = max(first, min(width, padded_width - pad_left))
-        valid_lanes = min(lanes, channels - block * lanes)
-        if i < 0 or i >= height or valid_lanes < lanes:
-            for element in range(line_len):
-                dst_flat[line_start + np.uint64(element)] = zero
-            if i < 0 or i >= height:
-                continue
-        else:  # the padding columns only (a left pad can reach past the line: clamped)
-            for element in range(min((first + pad_left) * lanes, line_len)):
-                dst_flat[line_start + np.uint64(element)] = zero
-            for element in range((stop + pad_left) * lanes, line_len):
-                dst_flat[line_start + np.uint64(element)] = zero
-        rows = np.uint64(((n * channels + block * lanes) * height + i) * width)
-        for j in range(first, stop):
-            target = line_start + np.uint64((j + pad_left) * lanes)
-            for lane in range(valid_lanes):
-                dst_flat[target + np.uint64(lane)] = src_flat[rows + np.uint64(lane) * plane
-                                                              + np.uint64(j)]
+        _pack_channel_line(src_flat, dst_flat, np.uint64(line * padded_width * lanes), n, block,
+                           i, src.shape, padded_width, lanes, pad_left)
+
+
+@njit
+def pack_channel_image(src, n, dst_flat, image_start, blocks, padded_height, padded_width,
+                       lanes, pad_top, pad_left):
+    """``pack_channel_blocks`` for image ``n`` alone, on the calling thread: its (blocks,
+    padded_height, padded_width, lanes) blocked layout into ``dst_flat`` from ``image_start``
+    on."""
+    src_flat = src.reshape(-1)
+    line_len = padded_width * lanes
+    for line in range(blocks * padded_height):
+        block = line // padded_height
+        _pack_channel_line(src_flat, dst_flat, np.uint64(image_start + line * line_len), n,
+                           block, line - block * padded_height - pad_top, src.shape,
+                           padded_width, lanes, pad_left)
 
 
 @cached_njit(parallel=True)
