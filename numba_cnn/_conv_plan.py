@@ -8,6 +8,7 @@ index bookkeeping of strides, dilation, padding and groups lives, so the kernels
 ``_kernels/conv2d.py`` only ever see "rows, taps, offsets". See that module's docstring for the
 primitives being targeted.
 """
+import collections
 import functools
 
 import numpy as np
@@ -388,6 +389,26 @@ def blocked_input_gradient(geometry, itemsize):
             and (g.stride == (1, 1) or g.width <= CHANNEL_BLOCKED_MAX_WIDTH))
 
 
+# One stride phase of BlockedInputGradPlan: its positions in x (first row and column, rows x
+# columns of them, every stride-th), its terms (as ChannelBlockedPlan's: term_offsets,
+# line_terms) and the taps they stand for.
+BlockedPhase = collections.namedtuple(
+    "BlockedPhase", "first_row first_column term_offsets taps_h taps_w rows columns line_terms")
+
+
+def _line_terms(lines, stride, dilation, taps, first_real, real_lines, terms_per_tap):
+    """(lines, 2) int64: the first term and the number of terms of each output line of a
+    blocked correlation whose terms run tap rows outermost, ``terms_per_tap`` terms per tap
+    row: the tap rows that read a real line. Line ``i``'s tap ``k`` reads line ``i * stride
+    + k * dilation`` of its (padded) source, whose real lines are ``first_real <= line <
+    first_real + real_lines``; the others are zero padding, which need not be summed (res14: 5%
+    of the forward's terms, mnist2's input gradient 15%)."""
+    starts = np.arange(lines) * stride
+    first = np.clip(-(-(first_real - starts) // dilation), 0, taps)
+    stop = np.clip(-(-(first_real + real_lines - starts) // dilation), first, taps)
+    return np.stack([first * terms_per_tap, (stop - first) * terms_per_tap], axis=1)
+
+
 class ChannelBlockedPlan:
     """The forward and the weight gradient on the channel-blocked layout
     (``conv2d.blocked_correlate`` and ``conv2d.blocked_grad_weight``). Only for ``groups == 1``.
@@ -396,9 +417,10 @@ class ChannelBlockedPlan:
     the dtype) channels innermost. The weight gradient reads a whole vector of channels per
     output pixel for each tap ``(b, kh, kw)``, at ``offsets[(b * KH + kh) * KW + kw]``, and the
     output gradient as given, in rows of OW pixels. The forward reads one input value per term
-    ``((b * KH + kh) * KW + kw) * LANES + lane`` (channel ``b * LANES + lane`` at tap (kh, kw)),
-    at ``term_offsets``, and writes LANES filters per vector. Neither computes spare grid
-    columns.
+    at ``term_offsets`` in the order ``((kh * CB + b) * KW + kw) * LANES + lane`` (channel
+    ``b * LANES + lane`` at tap (kh, kw)), and writes LANES filters per vector; output line
+    ``i`` sums the terms ``line_terms[i]`` (first, count): the tap rows that read real input
+    lines. Neither computes spare grid columns.
     """
 
     def __init__(self, geometry, itemsize):
@@ -414,7 +436,12 @@ class ChannelBlockedPlan:
         # its (discarded) result lands in a column of its own
         self.offsets = np.zeros(round_up(offsets.size, 2), dtype=np.int64)
         self.offsets[:offsets.size] = offsets.reshape(-1)
-        self.term_offsets = (offsets.reshape(-1, 1) + np.arange(self.lanes)).reshape(-1)
+        # the forward's terms run tap rows outermost (kh, b, kw, lane), so that the tap rows
+        # that read an output line's padding rows are a range of terms it can leave out
+        self.term_offsets = (offsets.transpose(1, 0, 2)[..., None]
+                             + np.arange(self.lanes)).reshape(-1)
+        self.line_terms = _line_terms(g.out_height, g.stride[0], dh, kernel_h, g.pad[0],
+                                      g.height, self.term_offsets.size // kernel_h)
         self.filter_blocks = -(-g.out_channels // self.lanes)
         self.pixel_tiles = -(-g.out_width // BROADCAST_PIXELS)
         # output lines per block, by the input lines they read
@@ -460,8 +487,8 @@ class BlockedInputGradPlan:
     correlation computes its rows ``i0 <= i < i1`` (those inside x), which ``unblock_output``
     puts at every ``sh``-th row of grad_x.
 
-    ``phases``: (first x row, first x column, term_offsets, taps_h, taps_w, rows, columns) of
-    each phase with taps and positions; ``complete``: whether they cover all of grad_x.
+    ``phases``: a ``BlockedPhase`` for each phase with taps and positions; ``complete``:
+    whether they cover all of grad_x.
     """
 
     def __init__(self, geometry, itemsize):
@@ -485,14 +512,21 @@ class BlockedInputGradPlan:
                 if not taps_h or not taps_w:
                     self.complete = False  # its positions get no gradient, only the bias
                     continue
-                block = np.arange(self.blocks)[:, None, None]
-                offsets = ((block * self.padded_height + (shifts_h - first_h)[None, :, None])
+                # terms (tap row, block, tap column, lane), tap rows outermost
+                block = np.arange(self.blocks)[None, :, None]
+                offsets = ((block * self.padded_height + (shifts_h - first_h)[:, None, None])
                            * self.padded_width + (shifts_w - first_w)[None, None, :])
                 term_offsets = ((offsets.reshape(-1, 1) * self.lanes)
                                 + np.arange(self.lanes)).reshape(-1)
-                self.phases.append((first_row, first_column, term_offsets,
-                                    np.array(taps_h, dtype=np.int64),
-                                    np.array(taps_w, dtype=np.int64), rows, columns))
+                # the tap rows' reads are evenly spaced (a phase's taps are)
+                step = int(shifts_h[1] - shifts_h[0]) if len(shifts_h) > 1 else 1
+                assert (np.diff(shifts_h) == step).all()
+                line_terms = _line_terms(rows, 1, step, len(taps_h),
+                                         self.pad_top - int(shifts_h[0] - first_h),
+                                         g.out_height, term_offsets.size // len(taps_h))
+                self.phases.append(BlockedPhase(
+                    first_row, first_column, term_offsets, np.array(taps_h, dtype=np.int64),
+                    np.array(taps_w, dtype=np.int64), rows, columns, line_terms))
 
     @staticmethod
     def _axis_phases(kernel, stride, dilation, pad, size):

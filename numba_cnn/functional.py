@@ -109,8 +109,8 @@ def _blocked_forward(x, weight, bias, geometry):
     packed, slot_images = _packing_slots(plan.blocks, geometry.padded_height,
                                          geometry.padded_width, plan.lanes, x.dtype)
     blocked_correlate[geometry.stride[1]](x, geometry.pad[0], geometry.pad[2], packed,
-                                          slot_images, plan.term_offsets, matrix, out,
-                                          geometry.stride[0], plan.pixel_tiles)
+                                          slot_images, plan.term_offsets, plan.line_terms,
+                                          matrix, out, geometry.stride[0], plan.pixel_tiles)
     del packed, matrix  # freed before y exists
     y = np.empty(geometry.output_shape, dtype=x.dtype)
     bias_values = _bias_values(bias, geometry.out_channels, x.dtype)
@@ -134,20 +134,22 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
                                              plan.padded_width, plan.lanes, dtype)
     bias_values = _bias_values(bias, geometry.in_channels, dtype)
     outs = []  # every phase's result, computed before grad_x exists: a lower memory peak
-    for _, _, offsets, taps_h, taps_w, rows, columns in plan.phases:
-        matrix = plan.phase_weights(weight, taps_h, taps_w, offsets.size)
-        out = aligned_empty((geometry.batch, plan.channel_blocks, rows, columns, plan.lanes),
-                            dtype)
+    for phase in plan.phases:
+        matrix = plan.phase_weights(weight, phase.taps_h, phase.taps_w, phase.term_offsets.size)
+        out = aligned_empty((geometry.batch, plan.channel_blocks, phase.rows, phase.columns,
+                             plan.lanes), dtype)
         blocked_correlate[1](grad_out, plan.pad_top, plan.pad_left, packed, slot_images,
-                             offsets, matrix, out, 1, -(-columns // BROADCAST_PIXELS))
+                             phase.term_offsets, phase.line_terms, matrix, out, 1,
+                             -(-phase.columns // BROADCAST_PIXELS))
         outs.append(out)
         del matrix, out
     del packed
     grad_x = np.empty(geometry.input_shape, dtype=dtype)
     if not plan.complete:  # positions no tap reaches hold the bias alone
         grad_x[...] = bias_values[:, None, None]
-    for (first_row, first_column, *_), out in zip(plan.phases, outs):
-        _unblock(out, bias_values, grad_x, first_row, first_column, *geometry.stride)
+    for phase, out in zip(plan.phases, outs):
+        _unblock(out, bias_values, grad_x, phase.first_row, phase.first_column,
+                 *geometry.stride)
     return grad_x
 
 

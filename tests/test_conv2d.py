@@ -336,6 +336,47 @@ def _geometry(x, w, kwargs):
                                  kwargs.get("padding", 0), kwargs.get("dilation", 1), 1, "test")
 
 
+def _lines_read(term_offsets, lanes, padded_height, padded_width):
+    """The line (of its channel block) that each term of a blocked correlation reads for
+    output line 0."""
+    return (term_offsets // lanes // padded_width) % padded_height
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_blocked_plans_sum_exactly_the_tap_rows_that_read_real_lines(kernel, stride, dilation):
+    # line_terms leaves out the terms that read zero padding, and only those: the results are
+    # the same either way, so only this test would notice a real line left out or a padding
+    # line summed
+    for pad in range(0, (kernel - 1) * dilation + 1):
+        for height in (1, 2, 5, 9):
+            if (height + 2 * pad - (kernel - 1) * dilation - 1) < 0:
+                continue  # no output
+            g = _args.conv2d_geometry((1, 16, height, 4), (32, 16, kernel, 1), (stride, 1),
+                                      (pad, 0), (dilation, 1), 1, "test")
+            plan = _conv_plan.ChannelBlockedPlan(g, 4)
+            reads = _lines_read(plan.term_offsets, plan.lanes, g.padded_height,
+                                g.padded_width)
+            for i, (first, count) in enumerate(plan.line_terms):
+                line = i * stride + reads
+                real = (line >= g.pad[0]) & (line < g.pad[0] + height)
+                summed = np.zeros(real.size, dtype=bool)
+                summed[first:first + count] = True
+                np.testing.assert_array_equal(summed, real)
+            grad_plan = _conv_plan.BlockedInputGradPlan(g, 4)
+            for phase in grad_plan.phases:
+                reads = _lines_read(phase.term_offsets, grad_plan.lanes,
+                                    grad_plan.padded_height, grad_plan.padded_width)
+                assert len(phase.line_terms) == phase.rows
+                for i, (first, count) in enumerate(phase.line_terms):
+                    line = i + reads  # a phase correlates the gradient at stride 1
+                    real = (line >= grad_plan.pad_top) & (line < grad_plan.pad_top + g.out_height)
+                    summed = np.zeros(real.size, dtype=bool)
+                    summed[first:first + count] = True
+                    np.testing.assert_array_equal(summed, real)
+
+
 def test_inf_propagates_like_reference(rng):
     case = ConvCase(2, 3, 7, 7, 4, 3, 3, padding=1)
     x, w, b, _ = make_inputs(case, rng)

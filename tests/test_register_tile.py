@@ -210,15 +210,19 @@ def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, st
     offsets = rng.integers(0, packed[0].size - reach, size=terms).astype(np.int64)
     weight = rng.standard_normal((filter_blocks, terms, lanes)).astype(dtype)
     out = np.full((batch, filter_blocks, out_height, out_width, lanes), np.nan, dtype=dtype)
+    # each line sums a range of the terms: all, a middle range, none
+    line_terms = np.array([[0, terms], [2, terms - 3], [terms, 0]], dtype=np.int64)
     unused = np.full_like(src, np.nan)  # what src is for a prepacked call
     slot_images = np.full(0 if prepacked else slots + 1, -1, dtype=np.int64)
     blocked_correlate[sw](unused if prepacked else src, top, left, packed, slot_images, offsets,
-                          weight, out, sh, -(-out_width // BROADCAST_PIXELS))
+                          line_terms, weight, out, sh, -(-out_width // BROADCAST_PIXELS))
     image = blocked_by_formula(src, lanes, top, left, height, width).reshape(batch, -1)
     i, j = np.meshgrid(np.arange(out_height), np.arange(out_width), indexing="ij")
     starts = (i * sh * width + j * sw) * lanes  # (OH, OW)
     reads = image.astype(np.float64)[:, starts[..., None] + offsets]  # (N, OH, OW, T)
-    expected = np.einsum("nijt,btl->nbijl", reads, weight)
+    first, count = line_terms[:, :1], line_terms[:, 1:]
+    summed = (np.arange(terms) >= first) & (np.arange(terms) < first + count)  # (OH, T)
+    expected = np.einsum("nijt,btl,it->nbijl", reads, weight, summed)
     np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)
 
@@ -230,7 +234,8 @@ def test_blocked_correlation_refuses_fewer_slots_than_threads():
     out = np.empty((1, 1, 3, 3, 16), dtype=np.float32)
     with pytest.raises(ValueError, match="slots"):
         blocked_correlate[1](src, 0, 0, packed, np.full(1, -1), np.zeros(1, dtype=np.int64),
-                             np.ones((1, 1, 16), dtype=np.float32), out, 1, 1)
+                             np.array([[0, 1]] * 3), np.ones((1, 1, 16), dtype=np.float32), out,
+                             1, 1)
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["forward", "input_gradient"])
@@ -251,8 +256,9 @@ def test_gather_blocked_weights(filters, channels, transposed, taps_h, taps_w, r
     padded = np.zeros((out_blocks * lanes, in_blocks * lanes, len(taps_h), len(taps_w)),
                       np.float32)
     padded[:outputs, :inputs] = at_taps
+    # (output block, tap row, input block, tap column, input lane, output lane)
     expected = padded.reshape(out_blocks, lanes, in_blocks, lanes, len(taps_h), len(taps_w)) \
-        .transpose(0, 2, 4, 5, 3, 1).reshape(blocked.shape)
+        .transpose(0, 4, 2, 5, 3, 1).reshape(blocked.shape)
     np.testing.assert_array_equal(blocked, expected)
 
 

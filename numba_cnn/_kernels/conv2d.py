@@ -296,19 +296,21 @@ def _build_blocked_correlate(build):
     """The channel-blocked correlation for column stride ``build[2]`` (a literal of its tile);
     ``build`` = (check bounds, register_tile.SOURCE_FINGERPRINT, column stride), the cache key
     as in ``_build_drivers``."""
-    def blocked_correlate(src, pad_top, pad_left, packed, slot_images, offsets, weight, out,
-                          stride_h, pixel_tiles):
+    def blocked_correlate(src, pad_top, pad_left, packed, slot_images, offsets, line_terms,
+                          weight, out, stride_h, pixel_tiles):
         """Set ``out[n, b, i, j, lane] = sum_t image_flat[(i * stride_h * W + j * stride_w)
-        * LANES + offsets[t]] * weight[b, t, lane]``, ``stride_w = build[2]``, where
-        ``image_flat`` is image ``n`` of ``src`` in the channel-blocked layout, padded:
-        ``layout.pack_channel_image(src, n, ..., pad_top, pad_left)``.
+        * LANES + offsets[t]] * weight[b, t, lane]``, ``stride_w = build[2]``, the sum over the
+        ``line_terms[i, 1]`` terms from ``line_terms[i, 0]`` on, where ``image_flat`` is image
+        ``n`` of ``src`` in the channel-blocked layout, padded: ``layout.pack_channel_image(src,
+        n, ..., pad_top, pad_left)``.
 
         src : (N, C, H0, W0), as given; packed : (S, CB, H, W, LANES), scratch for one image
         in the blocked layout per thread (S = ``numba.get_num_threads()``), with
         ``slot_images`` (S + 1,) int64 set to -1 (it is overwritten); or all N images already
         packed (prepacked), with ``slot_images`` of size 0, and then src and the pads are not
-        used; offsets : (T,) int64, one per term, a (channel, tap) pair; weight : (FB, T, LANES),
-        LANES filters per block; out : (N, FB, OH, OW, LANES), overwritten.
+        used; offsets : (T,) int64, one per term, a (channel, tap) pair; line_terms : (OH, 2)
+        int64; weight : (FB, T, LANES), LANES filters per block; out : (N, FB, OH, OW, LANES),
+        overwritten.
 
         A task is one (image, filter-block pair, output line) item, in that order; the threads
         take contiguous ranges of them, handed out dynamically. A thread packs an image into
@@ -362,16 +364,18 @@ def _build_blocked_correlate(build):
             vectors = min(BROADCAST_VECTORS, filter_blocks - first_block)
             src_line = image_start + i * line_stride
             out_line = ((n * filter_blocks + first_block) * out_height + i) * out_width * lanes
+            first_term = line_terms[i, 0]
+            line_offsets = offsets[first_term:]
             j = 0
             for tile in range(pixel_tiles):
                 pixels = _tile_width(out_width, pixel_tiles, tile)
                 src_start = src_line + j * pixel_step
-                weight_start = first_block * terms * lanes
+                weight_start = (first_block * terms + first_term) * lanes
                 out_start = out_line + j * lanes
                 out_vector_stride = out_height * out_width * lanes
-                run_broadcast_tile(vectors, pixels, packed_flat, src_start, offsets,
+                run_broadcast_tile(vectors, pixels, packed_flat, src_start, line_offsets,
                                    weight_flat, weight_start, terms * lanes, out_flat,
-                                   out_start, out_vector_stride, terms)
+                                   out_start, out_vector_stride, line_terms[i, 1])
                 j += pixels
         # (checked after the fact: numba.get_num_threads() would make the kernel uncacheable)
         if not prepacked and slot_images[slots] > 0:

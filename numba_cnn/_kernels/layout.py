@@ -284,10 +284,11 @@ def unblock_grad_weight(blocked, grad_weight):
 @cached_njit(parallel=True)
 def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked):
     """Fill ``blocked`` (OB, T, LANES), the weights of ``blocked_correlate``, from ``weight``
-    (F, C, KH, KW) at the taps ``taps_h x taps_w``: term ``((ib * len(taps_h) + u)
-    * len(taps_w) + v) * LANES + lane`` of output block ``ob`` holds, in lane ``ol``, the
-    weight from input channel ``ib * LANES + lane`` to output channel ``ob * LANES + ol`` at
-    tap ``(taps_h[u], taps_w[v])``; zero where a channel index is out of range.
+    (F, C, KH, KW) at the taps ``taps_h x taps_w``: term ``((u * IB + ib) * len(taps_w) + v)
+    * LANES + lane`` (tap rows outermost, IB input blocks) of output block ``ob`` holds, in
+    lane ``ol``, the weight from input channel ``ib * LANES + lane`` to output channel
+    ``ob * LANES + ol`` at tap ``(taps_h[u], taps_w[v])``; zero where a channel index is out of
+    range.
 
     Forward (``transposed`` false): outputs are filters, inputs channels, ``weight[o, i, kh,
     kw]``. Input gradient (``transposed`` true): outputs are the channels, inputs the filters,
@@ -302,12 +303,8 @@ def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked):
     out_blocks, terms, lanes = blocked.shape
     outputs, inputs = (channels, filters) if transposed else (filters, channels)
     taps_h_count = taps_h.shape[0]
-    taps = taps_h_count * taps_w.shape[0]
-    in_blocks = terms // (taps * lanes)
-    tap_offsets = np.empty(taps, dtype=np.int64)  # in one (filter, channel) kernel
-    for u in range(taps_h_count):
-        for v in range(taps_w.shape[0]):
-            tap_offsets[u * taps_w.shape[0] + v] = taps_h[u] * kernel_w + taps_w[v]
+    taps_w_count = taps_w.shape[0]
+    in_blocks = terms // (taps_h_count * taps_w_count * lanes)
     zero = blocked.dtype.type(0)
     weight_flat = weight.reshape(-1)
     blocked_flat = blocked.reshape(-1)
@@ -315,23 +312,27 @@ def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked):
     # elements between consecutive outputs and inputs in weight
     out_stride = kernel_size if transposed else channels * kernel_size
     in_stride = channels * kernel_size if transposed else kernel_size
+    run = taps_w_count * lanes * lanes  # one tap row of one (output, input) block pair
     for task in prange(out_blocks * in_blocks):
         out_block = task // in_blocks
         in_block = task - out_block * in_blocks
-        pair_start = np.uint64((out_block * terms + in_block * taps * lanes) * lanes)
         out_lanes = min(lanes, outputs - out_block * lanes)
         in_lanes = min(lanes, inputs - in_block * lanes)
-        if out_lanes < lanes or in_lanes < lanes:
-            for element in range(taps * lanes * lanes):
-                blocked_flat[pair_start + np.uint64(element)] = zero
         block_source = np.uint64(out_block * lanes * out_stride + in_block * lanes * in_stride)
-        for tap in range(taps):
-            for in_lane in range(in_lanes):
-                source = block_source + np.uint64(in_lane * in_stride + tap_offsets[tap])
-                target = pair_start + np.uint64((tap * lanes + in_lane) * lanes)
-                for out_lane in range(out_lanes):
-                    blocked_flat[target + np.uint64(out_lane)] = weight_flat[
-                        source + np.uint64(out_lane * out_stride)]
+        for u in range(taps_h_count):
+            run_start = np.uint64(out_block * terms * lanes
+                                  + (u * in_blocks + in_block) * run)
+            if out_lanes < lanes or in_lanes < lanes:
+                for element in range(run):
+                    blocked_flat[run_start + np.uint64(element)] = zero
+            for v in range(taps_w_count):
+                tap = taps_h[u] * kernel_w + taps_w[v]
+                for in_lane in range(in_lanes):
+                    source = block_source + np.uint64(in_lane * in_stride + tap)
+                    target = run_start + np.uint64((v * lanes + in_lane) * lanes)
+                    for out_lane in range(out_lanes):
+                        blocked_flat[target + np.uint64(out_lane)] = weight_flat[
+                            source + np.uint64(out_lane * out_stride)]
 
 
 @cached_njit(parallel=True)
