@@ -33,6 +33,15 @@ ROW_TILES_PER_TASK = 16
 # Input bytes per block of the channel-blocked weight gradient: one tap tile's input for the
 # block stays in L1 while every row tile reuses it (see ChannelBlockedPlan).
 BLOCKED_INPUT_BYTES = 32 * 1024
+# The channel-blocked weight gradient sums each half of an even batch into a partial gradient of
+# its own, with each thread packing and reading only its half's images (from its L2), when the
+# packed input is at least this many times the size of a partial gradient: an input packed by
+# all threads and read by all of them made the weight gradient 0.1-0.55 ms slower, while a
+# second partial costs its zeroing and its sum. Same-process A/B of the weight gradient, two
+# parts / one (input / partial bytes): res56 1.08 (47), res56 s2 1.30 (47), mnist2 1.07 (19),
+# res28 1.03 and res28 s2 1.06 (6.2), 64 channels at 7x7 1.03 (4.5), odd5 1.01 (3.8), res14
+# 0.89 and res14 s2 0.81 (0.9).
+BATCH_PARTS_MIN_RATIO = 4
 
 
 def correlation_blocking(block_shape, taps, image_bytes, out_len, row_tiles, batch, itemsize,
@@ -447,6 +456,11 @@ class ChannelBlockedPlan:
         # output lines per block, by the input lines they read
         line_bytes = g.stride[0] * g.padded_width * self.lanes * itemsize
         self.block_lines = max(1, BLOCKED_INPUT_BYTES // line_bytes)
+        # the weight gradient's parts of the batch (see BATCH_PARTS_MIN_RATIO)
+        image_bytes = self.blocks * g.padded_height * g.padded_width * self.lanes * itemsize
+        partial_bytes = g.out_channels * self.offsets.size * self.lanes * itemsize
+        self.batch_parts = 2 if (g.batch % 2 == 0 and g.batch * image_bytes
+                                 >= BATCH_PARTS_MIN_RATIO * partial_bytes) else 1
 
     @staticmethod
     @functools.lru_cache(maxsize=64)

@@ -248,13 +248,21 @@ def _conv2d_grad_weight(grad_out, x, geometry, grid=None):
 def _channel_blocked_grad_weight(grad_out, x, geometry):
     """``_conv2d_grad_weight`` on the channel-blocked input (``ChannelBlockedPlan``)."""
     plan = ChannelBlockedPlan.for_geometry(geometry, x.dtype.itemsize)
-    src = plan.pack_input(x)
-    blocked = aligned_empty((geometry.out_channels, plan.offsets.size, plan.lanes), x.dtype)
-    blocked_grad_weight(src, plan.offsets, grad_out, blocked, *geometry.stride, plan.block_lines,
-                        *plan.splits(numba.get_num_threads()))
-    del src  # freed before grad_weight exists
+    parts = plan.batch_parts
+    if parts > 1:  # each thread packs the images of its part
+        packed, slot_images = _packing_slots(plan.blocks, geometry.padded_height,
+                                             geometry.padded_width, plan.lanes, x.dtype)
+    else:
+        packed, slot_images = plan.pack_input(x), np.empty(0, dtype=np.int64)
+    partials = aligned_empty((parts, geometry.out_channels, plan.offsets.size, plan.lanes),
+                             x.dtype)
+    threads = numba.get_num_threads()
+    blocked_grad_weight(x, geometry.pad[0], geometry.pad[2], packed, slot_images, plan.offsets,
+                        grad_out, partials, *geometry.stride, plan.block_lines,
+                        *plan.splits(max(1, threads // parts)))
+    del packed  # freed before grad_weight exists
     grad_weight = np.empty(geometry.weight_shape, dtype=x.dtype)
-    unblock_grad_weight(blocked, grad_weight)
+    unblock_grad_weight(partials, grad_weight)
     return grad_weight
 
 

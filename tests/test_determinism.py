@@ -10,7 +10,7 @@ import numba
 import numpy as np
 import pytest
 
-from numba_cnn import _conv_plan, _threads
+from numba_cnn import _args, _conv_plan, _threads
 from numba_cnn import functional as F
 from numba_cnn.layers import AvgPool2D, Conv2D, ConvTranspose2D, MaxPool2D
 
@@ -69,19 +69,26 @@ def test_repeated_calls_are_bitwise_identical(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-# the small case runs on one thread whatever the setting; the large one (2.6M multiply-adds)
-# on both layouts, whose task splits follow the thread count
-@pytest.mark.parametrize("large, channel_blocked", [(False, None), (True, False), (True, True)],
-                         ids=["small", "large_grid", "large_channel_blocked"])
-def test_results_do_not_depend_on_the_thread_count(rng, dtype, large, channel_blocked,
+# the small case runs on one thread whatever the setting; the large ones (2.6M multiply-adds)
+# on both layouts, whose task splits follow the thread count; the wide one's channel-blocked
+# weight gradient sums each half of the batch apart (ChannelBlockedPlan.batch_parts)
+@pytest.mark.parametrize("shape, channel_blocked", [("small", None), ("large", False),
+                                                    ("large", True), ("wide", True)],
+                         ids=["small", "large_grid", "large_channel_blocked",
+                              "wide_channel_blocked"])
+def test_results_do_not_depend_on_the_thread_count(rng, dtype, shape, channel_blocked,
                                                    monkeypatch):
     monkeypatch.setattr(_conv_plan, "FORCE_CHANNEL_BLOCKED", channel_blocked)
-    if large:
-        x = rng.standard_normal((2, 32, 12, 12)).astype(dtype)
-        w = rng.standard_normal((32, 32, 3, 3)).astype(dtype)
-        g = rng.standard_normal((2, 32, 6, 6)).astype(dtype)
-    else:
+    if shape == "small":
         x, w, g = _conv_case(rng, dtype)
+    else:
+        channels, size = (32, 12) if shape == "large" else (16, 24)
+        x = rng.standard_normal((2, channels, size, size)).astype(dtype)
+        w = rng.standard_normal((channels, channels, 3, 3)).astype(dtype)
+        g = rng.standard_normal((2, channels, size // 2, size // 2)).astype(dtype)
+        geometry = _args.conv2d_geometry(x.shape, w.shape, 2, 1, 1, 1, "test")
+        parts = _conv_plan.ChannelBlockedPlan(geometry, x.itemsize).batch_parts
+        assert parts == (2 if shape == "wide" else 1)
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)

@@ -132,26 +132,60 @@ def test_grad_weight_kernel_matches_formula(taps, batch, length, tiles_per_task,
 def test_blocked_grad_weight_kernel_matches_formula(taps, rows, stride, block_lines, row_splits,
                                                     tap_splits, dtype, rng):
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
-    batch, blocks, height, width = 2, 2, 9, 11
+    batch, blocks, height, width = 3, 2, 9, 11
     out_height, out_width = 3, 4
-    src = rng.standard_normal((batch, blocks, height, width, lanes)).astype(dtype)
+    # the kernel packs src itself (as blocked_correlate), or reads it prepacked
+    top, left = 1, 2
+    src = rng.standard_normal((batch, 2 * lanes - 3, height - top, width - left + 1))
+    src = src.astype(dtype)
+    prepacked = block_lines == 2
+    slots = batch if prepacked else numba.get_num_threads() + taps % 2
+    packed = np.full((slots, blocks, height, width, lanes), np.nan, dtype=dtype)
+    if prepacked:
+        pack_channel_blocks(src, packed, top, left)
+    slot_images = np.full(0 if prepacked else slots + 1, -1, dtype=np.int64)
     # taps read anywhere an output pixel's reads stay inside the image
     sh, sw = stride
     reach = ((out_height - 1) * sh * width + (out_width - 1) * sw + 1) * lanes
     offsets = rng.integers(0, blocks * height * width * lanes - reach, size=taps).astype(np.int64)
     grad = rng.standard_normal((batch, rows, out_height, out_width)).astype(dtype)
-    grad_weight = np.full((rows, taps, lanes), np.nan, dtype=dtype)  # every entry is written
-    blocked_grad_weight(src, offsets, grad, grad_weight, sh, sw, block_lines, row_splits,
+    parts = 1 + taps % 3  # the batch in 1, 2 (images 0 | 1, 2) or 3 parts
+    # every entry is written
+    partials = np.full((parts, rows, taps, lanes), np.nan, dtype=dtype)
+    blocked_grad_weight(np.full_like(src, np.nan) if prepacked else src, top, left, packed,
+                        slot_images, offsets, grad, partials, sh, sw, block_lines, row_splits,
                         tap_splits)
-    expected = np.empty((rows, taps, lanes))
-    image = src.reshape(batch, -1).astype(np.float64)
+    expected = np.empty((parts, rows, taps, lanes))
+    image = blocked_by_formula(src, lanes, top, left, height, width).reshape(batch, -1)
     i, j = np.meshgrid(np.arange(out_height), np.arange(out_width), indexing="ij")
     pixel_starts = ((i * sh * width + j * sw) * lanes).reshape(-1)
-    for k, offset in enumerate(offsets):
-        reads = image[:, (offset + pixel_starts)[:, None] + np.arange(lanes)]  # (N, pixels, L)
-        expected[:, k] = np.einsum("nrp,npl->rl", grad.reshape(batch, rows, -1), reads)
-    np.testing.assert_allclose(grad_weight, expected, rtol=1e-4 if dtype == np.float32 else 1e-11,
+    for part in range(parts):
+        images = slice(part * batch // parts, (part + 1) * batch // parts)
+        for k, offset in enumerate(offsets):
+            # (n, pixels, L)
+            reads = image[images, (offset + pixel_starts)[:, None] + np.arange(lanes)]
+            expected[part, :, k] = np.einsum("nrp,npl->rl",
+                                             grad[images].reshape(-1, rows, i.size), reads)
+    np.testing.assert_allclose(partials, expected, rtol=1e-4 if dtype == np.float32 else 1e-11,
                                atol=1e-4 if dtype == np.float32 else 1e-11)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_unblock_grad_weight_sums_the_parts_in_order(parts, rng):
+    lanes = VECTOR_BYTES // 4
+    filters, channels, kernel_h, kernel_w = 5, lanes + 3, 2, 3
+    blocks = 2
+    partials = rng.standard_normal((parts, filters, blocks * kernel_h * kernel_w, lanes))
+    partials = partials.astype(np.float32)
+    grad_weight = np.full((filters, channels, kernel_h, kernel_w), np.nan, dtype=np.float32)
+    unblock_grad_weight(partials, grad_weight)
+    total = partials[0].copy()
+    for part in partials[1:]:
+        total += part  # float32, in order: the same rounding
+    # (f, b, kh, kw, lane) -> (f, b * lanes + lane, kh, kw), the channels >= C dropped
+    expected = total.reshape(filters, blocks, kernel_h, kernel_w, lanes).transpose(0, 1, 4, 2, 3)
+    expected = expected.reshape(filters, blocks * lanes, kernel_h, kernel_w)[:, :channels]
+    np.testing.assert_array_equal(grad_weight, expected)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

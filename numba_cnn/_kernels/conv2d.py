@@ -218,28 +218,34 @@ def _build_drivers(build):
                     pixel += vectors * lanes
 
     @cached_njit(parallel=True)
-    def blocked_grad_weight(src, offsets, grad, grad_weight, stride_h, stride_w, block_lines,
-                            row_splits, tap_splits):
-        """Set ``grad_weight[r, k, lane] = sum_{n, i, j} grad[n, r, i, j]
-        * src_flat[n * image_len + (i * stride_h * W + j * stride_w) * LANES + offsets[k] + lane]``:
-        the weight gradient on the channel-blocked input.
+    def blocked_grad_weight(src, pad_top, pad_left, packed, slot_images, offsets, grad,
+                            partials, stride_h, stride_w, block_lines, row_splits, tap_splits):
+        """Set ``partials[s, r, k, lane] = sum_{n in part s, i, j} grad[n, r, i, j]
+        * image_flat[(i * stride_h * W + j * stride_w) * LANES + offsets[k] + lane]``, the
+        weight gradient on the channel-blocked input summed over each of S contiguous parts of
+        the batch (their sum, in order, is the gradient), where ``image_flat`` is image ``n``
+        of ``src`` in the channel-blocked layout, padded, as in ``blocked_correlate``.
 
-        src : (N, CB, H, W, LANES), the padded input with LANES channels innermost
-        (``layout.pack_channel_blocks``; ``image_len = CB * H * W * LANES``); offsets : (K,)
-        int64, ``K`` even, where tap k reads relative to an output pixel's position;
-        grad : (N, R, OH, OW), the output gradient as given (no packing: the tile reads it in
-        rows); grad_weight : (R, K, LANES), overwritten.
+        src : (N, C, H0, W0), as given; packed, slot_images : as in ``blocked_correlate``
+        (one slot per thread, or all images prepacked); offsets : (K,) int64, ``K`` even,
+        where tap k reads relative to an output pixel's position; grad : (N, R, OH, OW), the
+        output gradient as given (no packing: the tile reads it in rows); partials : (S, R, K,
+        LANES), overwritten.
 
-        A task owns one of ``row_splits`` ranges of rows and one of ``tap_splits`` ranges of taps
-        (disjoint: no races). It walks the output in blocks of ``block_lines`` lines of one image;
-        per block, tap tile by tap tile (the block's input for a tile of taps stays in L1), each
-        row tile reduces its gradient lines against them in registers (``run_outer_tile``) and
-        adds the result to ``grad_weight``. The summation order depends on ``block_lines``
-        alone, not on the splits or the number of threads.
+        A task owns one of the S parts of the batch, one of ``row_splits`` ranges of rows and
+        one of ``tap_splits`` ranges of taps (disjoint: no races). It walks its images in blocks
+        of ``block_lines`` output lines; per block, tap tile by tap tile (the block's input for
+        a tile of taps stays in L1), each row tile reduces its gradient lines against them in
+        registers (``run_outer_tile``) and adds the result to its part. Unless prepacked, a
+        task packs each of its images into its thread's slot first (again only if the slot
+        holds another image), so it reads them from its own L2; with S > 1 each thread reads
+        only the images it packed. The summation order depends on ``block_lines`` and S alone,
+        not on the splits or the number of threads.
         """
-        batch, blocks, height, width, lanes = src.shape
-        _, rows, out_height, out_width = grad.shape
-        taps = offsets.shape[0]
+        batch = src.shape[0]
+        slots, blocks, height, width, lanes = packed.shape
+        parts, rows, taps, _ = partials.shape
+        _, _, out_height, out_width = grad.shape
         image_len = blocks * height * width * lanes
         row_tiles = (rows + ROW_TILE - 1) // ROW_TILE
         row_tiles_per_split = (row_tiles + row_splits - 1) // row_splits
@@ -247,30 +253,45 @@ def _build_drivers(build):
         tap_tiles_per_split = (tap_tiles + tap_splits - 1) // tap_splits
         line_blocks = (out_height + block_lines - 1) // block_lines
         line_stride = stride_h * width * lanes
-        src_flat = src.reshape(-1)
+        packed_flat = packed.reshape(-1)
         grad_flat = grad.reshape(-1)
-        grad_weight_flat = grad_weight.reshape(-1)
-        zero = grad_weight.dtype.type(0)
+        partials_flat = partials.reshape(-1)
+        zero = partials.dtype.type(0)
+        prepacked = slot_images.size == 0
         if build[0]:  # NUMBA_BOUNDSCHECK
-            _check_reads(src_flat, offsets, (batch - 1) * image_len,
+            _check_reads(packed_flat, offsets, (slots - 1) * image_len,
                          (out_height - 1) * line_stride + (out_width - 1) * stride_w * lanes
                          + lanes)
-        for task in prange(row_splits * tap_splits):
+        for task in prange(parts * row_splits * tap_splits):
             task_index = np.int64(task)
-            row_split = task_index // tap_splits
-            tap_split = task_index - row_split * tap_splits
+            part = task_index // (row_splits * tap_splits)
+            row_split = (task_index - part * row_splits * tap_splits) // tap_splits
+            tap_split = task_index - (part * row_splits + row_split) * tap_splits
             first_row = row_split * row_tiles_per_split * ROW_TILE
             stop_row = min(rows, first_row + row_tiles_per_split * ROW_TILE)
             first_tap = tap_split * tap_tiles_per_split * OUTER_TAPS
             stop_tap = min(taps, first_tap + tap_tiles_per_split * OUTER_TAPS)
+            part_start = part * rows * taps * lanes
             for r in range(first_row, stop_row):
                 for element in range(first_tap * lanes, stop_tap * lanes):
-                    grad_weight_flat[r * taps * lanes + element] = zero
-            for n in range(batch):
+                    partials_flat[part_start + r * taps * lanes + element] = zero
+            slot = np.int64(get_thread_id())  # in [0, get_num_threads()): one writer each
+            if not prepacked and slot >= slots:  # raised below, as in blocked_correlate
+                slot_images[slots] = 1
+                continue
+            for n in range(part * batch // parts, (part + 1) * batch // parts):
+                if prepacked:
+                    image_start = n * image_len
+                else:
+                    image_start = slot * image_len
+                    if slot_images[slot] != n:
+                        pack_channel_image(src, n, packed_flat, image_start, blocks, height,
+                                           width, lanes, pad_top, pad_left)
+                        slot_images[slot] = n
                 for line_block in range(line_blocks):
                     first_line = line_block * block_lines
                     lines = min(block_lines, out_height - first_line)
-                    src_start = n * image_len + first_line * line_stride
+                    src_start = image_start + first_line * line_stride
                     for k0 in range(first_tap, stop_tap, OUTER_TAPS):
                         # an even count: 6, 4 or 2
                         tile_taps = min(OUTER_TAPS, stop_tap - k0)
@@ -279,11 +300,14 @@ def _build_drivers(build):
                             tile_rows = ROW_TILE if stop_row - r0 >= ROW_TILE else 1
                             for r in range(r0, min(r0 + ROW_TILE, stop_row), tile_rows):
                                 run_outer_tile(
-                                    tile_rows, tile_taps, src_flat, src_start, line_stride,
+                                    tile_rows, tile_taps, packed_flat, src_start, line_stride,
                                     stride_w * lanes, offsets[k0:], grad_flat,
                                     ((n * rows + r) * out_height + first_line) * out_width,
                                     out_height * out_width, out_width, lines, out_width,
-                                    grad_weight_flat, (r * taps + k0) * lanes, taps * lanes)
+                                    partials_flat, part_start + (r * taps + k0) * lanes,
+                                    taps * lanes)
+        if not prepacked and slot_images[slots] > 0:
+            raise ValueError("blocked_grad_weight: fewer packing slots than threads")
 
     return correlate, correlate_grad_weight, blocked_grad_weight
 

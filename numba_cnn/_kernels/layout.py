@@ -264,21 +264,25 @@ def pack_channel_image(src, n, dst_flat, image_start, blocks, padded_height, pad
 
 
 @cached_njit(parallel=True)
-def unblock_grad_weight(blocked, grad_weight):
-    """Fill ``grad_weight`` (F, C, KH, KW) from the channel-blocked weight gradient ``blocked``
-    (F, K, LANES) of ``blocked_grad_weight``, whose tap ``(b * KH + kh) * KW + kw`` holds
-    channels ``b * LANES + lane``: ``grad_weight[f, c, kh, kw] = blocked[f, (c // LANES * KH
-    + kh) * KW + kw, c % LANES]``."""
+def unblock_grad_weight(partials, grad_weight):
+    """Fill ``grad_weight`` (F, C, KH, KW) with the sum, in order, of the channel-blocked
+    partial weight gradients ``partials`` (S, F, K, LANES) of ``blocked_grad_weight``, whose tap
+    ``(b * KH + kh) * KW + kw`` holds channels ``b * LANES + lane``: ``grad_weight[f, c, kh, kw]
+    = sum_s partials[s, f, (c // LANES * KH + kh) * KW + kw, c % LANES]``."""
     filters, channels, kernel_h, kernel_w = grad_weight.shape
-    lanes = blocked.shape[2]
+    parts = partials.shape[0]
+    lanes = partials.shape[3]
     for f in prange(filters):
         for c in range(channels):
             block = c // lanes
             lane = c - block * lanes
             for kh in range(kernel_h):
                 for kw in range(kernel_w):
-                    grad_weight[f, c, kh, kw] = blocked[f, (block * kernel_h + kh) * kernel_w
-                                                        + kw, lane]
+                    tap = (block * kernel_h + kh) * kernel_w + kw
+                    total = partials[0, f, tap, lane]
+                    for part in range(1, parts):
+                        total += partials[part, f, tap, lane]
+                    grad_weight[f, c, kh, kw] = total
 
 
 @cached_njit(parallel=True)
