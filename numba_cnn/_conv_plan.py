@@ -350,7 +350,7 @@ def blocked_weight_gradient(geometry, itemsize):
 
 
 # The forward and the input gradient run on the channel-blocked layout where the correlation
-# reads whole vectors of at least two vectors of channels and writes at least two vectors of
+# reads a whole number of channel vectors, at least two, and writes at least two vectors of
 # channels (filters for the forward, input channels for the input gradient). Since
 # ``blocked_correlate`` packs each image in the thread that reads it, that is almost
 # everywhere. Same-process A/B of each pass alone (grid / blocked time), forward and input
@@ -429,7 +429,7 @@ class ChannelBlockedPlan:
     at ``term_offsets`` in the order ``((kh * CB + b) * KW + kw) * LANES + lane`` (channel
     ``b * LANES + lane`` at tap (kh, kw)), and writes LANES filters per vector; output line
     ``i`` sums the terms ``line_terms[i]`` (first, count): the tap rows that read real input
-    lines. Neither computes spare grid columns.
+    lines (``all_line_terms``: all of them). Neither computes spare grid columns.
     """
 
     def __init__(self, geometry, itemsize):
@@ -451,6 +451,10 @@ class ChannelBlockedPlan:
                              + np.arange(self.lanes)).reshape(-1)
         self.line_terms = _line_terms(g.out_height, g.stride[0], dh, kernel_h, g.pad[0],
                                       g.height, self.term_offsets.size // kernel_h)
+        # every line summing all terms (padding rows included), and whether that differs
+        self.all_line_terms = np.zeros_like(self.line_terms)
+        self.all_line_terms[:, 1] = self.term_offsets.size
+        self.skips_padding = bool((self.line_terms[:, 1] < self.term_offsets.size).any())
         self.filter_blocks = -(-g.out_channels // self.lanes)
         self.pixel_tiles = -(-g.out_width // BROADCAST_PIXELS)
         # output lines per block, by the input lines they read

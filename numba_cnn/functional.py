@@ -20,7 +20,7 @@ from ._conv_plan import (BlockedInputGradPlan, ChannelBlockedPlan, ForwardPlan, 
                          blocked_weight_gradient, correlation_blocking, pack_blocked)
 from ._kernels.conv2d import (blocked_correlate, blocked_grad_weight, correlate,
                               correlate_grad_weight, ROW_TILE, TAP_TILE)
-from ._kernels.layout import unblock_grad_weight, unblock_output, unpack_phases
+from ._kernels.layout import all_finite, unblock_grad_weight, unblock_output, unpack_phases
 from ._kernels.register_tile import BROADCAST_PIXELS
 
 # Pooling lives in its own module (validation section + ops); this is the public surface.
@@ -108,9 +108,14 @@ def _blocked_forward(x, weight, bias, geometry):
                          geometry.out_width, plan.lanes), x.dtype)
     packed, slot_images = _packing_slots(plan.blocks, geometry.padded_height,
                                          geometry.padded_width, plan.lanes, x.dtype)
+    # Leaving out the terms that read padding rows would leave out their 0 * inf = NaN too: with
+    # a NaN or inf weight every line sums all its terms, so that NaN spreads as in PyTorch.
+    line_terms = plan.line_terms
+    if plan.skips_padding and not all_finite(weight):
+        line_terms = plan.all_line_terms
     blocked_correlate[geometry.stride[1]](x, geometry.pad[0], geometry.pad[2], packed,
-                                          slot_images, plan.term_offsets, plan.line_terms,
-                                          matrix, out, geometry.stride[0], plan.pixel_tiles)
+                                          slot_images, plan.term_offsets, line_terms, matrix,
+                                          out, geometry.stride[0], plan.pixel_tiles)
     del packed, matrix  # freed before y exists
     y = np.empty(geometry.output_shape, dtype=x.dtype)
     bias_values = _bias_values(bias, geometry.out_channels, x.dtype)

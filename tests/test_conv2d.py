@@ -395,6 +395,29 @@ def test_inf_propagates_like_reference(rng):
     assert_close(y[finite], ref[finite], 1e-10, "finite outputs")
 
 
+@pytest.mark.parametrize("channel_blocked", [True, False], ids=["blocked", "grid"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_non_finite_weights_propagate_like_reference(channel_blocked, dtype, rng, monkeypatch):
+    # an inf or NaN weight on a tap row that reads the padding makes the padded rows' outputs
+    # NaN (0 * inf), as in PyTorch: the blocked forward, which leaves out the terms that read
+    # padding rows, must not leave out these
+    monkeypatch.setattr(_conv_plan, "FORCE_CHANNEL_BLOCKED", channel_blocked)
+    x = rng.standard_normal((2, 32, 6, 5)).astype(dtype)
+    w = rng.standard_normal((32, 32, 3, 3)).astype(dtype)
+    w[0, 0, 0, 1] = np.inf  # tap row 0: reads the top padding row for output row 0
+    w[5, 3, 2, 2] = np.nan  # tap row 2: the bottom padding row for the last output row
+    geometry = _geometry(x, w, dict(padding=1))
+    assert _conv_plan.blocked_forward(geometry, x.itemsize) == channel_blocked
+    y = F.conv2d(x, w, padding=1)
+    with np.errstate(invalid="ignore"):
+        ref = R.conv2d(x, w, padding=1)
+    assert np.isnan(ref[:, 0, 0]).all() and np.isnan(ref[:, 5, -1]).all()
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(y), np.isposinf(ref))
+    finite = np.isfinite(ref)
+    assert_close(y[finite], ref[finite], RTOL[dtype], "finite outputs")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
