@@ -361,9 +361,10 @@ def blocked_weight_gradient(geometry, itemsize):
 # - one vector of channels: 16 channels in 0.96 (forward) and 0.90 (input gradient), 16
 #   filters 0.87 (forward);
 # - partly filled vectors: odd3 (100 -> 120 channels) 1.00 and 0.97;
-# - strided input gradients of images wider than CHANNEL_BLOCKED_MAX_WIDTH: one correlation
-#   per stride phase, each packing the gradient again (res56 s2 0.91, 64 channels at 32x32
-#   0.87).
+# - strided input gradients of images wider than CHANNEL_BLOCKED_MAX_WIDTH (one correlation
+#   per stride phase, over one shared packed gradient): res56 s2 0.94, 64 channels at 32x32
+#   0.99, 56x56 with a 4x4 kernel 0.97, 128 channels at 56x56 0.99; at 28 and below the blocked
+#   one wins (64 channels at 28x28 1.10, at 14x14 1.31; res28 s2 1.12).
 CHANNEL_BLOCKED_MAX_WIDTH = 28  # of x, for strided input gradients
 # None: each pass takes the layout the rules above choose; True / False: the channel-blocked
 # layout wherever it is implemented (groups == 1; for the forward, column stride 1 or 2) /
