@@ -374,15 +374,15 @@ def unblock_output(blocked, bias, dst, first_row, first_column, row_step, column
                             blocked_flat[source + np.uint64(j * lanes + lane)] + value)
 
 
-@cached_njit(parallel=True, fastmath={"reassoc"})
+@cached_njit(fastmath={"reassoc"})
 def all_finite(values):
     """Whether every element of the C-contiguous array ``values`` is finite: their products with
-    zero (NaN for a NaN or an inf) sum to zero. Reassociated, the sum vectorises (and the
-    threads share it): ~25 us for res14's 2.4 MB of weights, against 97 us for
-    ``np.isfinite(values).all()``."""
+    zero (NaN for a NaN or an inf) sum to zero. Reassociated, the sum vectorises: 51 us for
+    res14's 2.4 MB of weights, against 97 us for ``np.isfinite(values).all()``. (Over two
+    threads it took 24 us, but its parallel loop compiled in 0.86 s instead of 0.09.)"""
     flat = values.reshape(-1)
     zero = flat.dtype.type(0)
     total = zero
-    for i in prange(flat.size):
+    for i in range(flat.size):
         total += flat[i] * zero
     return total == zero
