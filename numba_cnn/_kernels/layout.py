@@ -268,21 +268,25 @@ def unblock_grad_weight(partials, grad_weight):
     """Fill ``grad_weight`` (F, C, KH, KW) with the sum, in order, of the channel-blocked
     partial weight gradients ``partials`` (S, F, K, LANES) of ``blocked_grad_weight``, whose tap
     ``(b * KH + kh) * KW + kw`` holds channels ``b * LANES + lane``: ``grad_weight[f, c, kh, kw]
-    = sum_s partials[s, f, (c // LANES * KH + kh) * KW + kw, c % LANES]``."""
+    = sum_s partials[s, f, (c // LANES * KH + kh) * KW + kw, c % LANES]``. (Flat unsigned
+    indices: indexed as 4-D arrays, res14's 2.4 MB took 0.32 ms instead of 0.20.)"""
     filters, channels, kernel_h, kernel_w = grad_weight.shape
-    parts = partials.shape[0]
-    lanes = partials.shape[3]
+    parts, _, taps, lanes = partials.shape
+    kernel_size = kernel_h * kernel_w
+    partials_flat = partials.reshape(-1)
+    grad_weight_flat = grad_weight.reshape(-1)
+    part_len = filters * taps * lanes
     for f in prange(filters):
         for c in range(channels):
             block = c // lanes
-            lane = c - block * lanes
-            for kh in range(kernel_h):
-                for kw in range(kernel_w):
-                    tap = (block * kernel_h + kh) * kernel_w + kw
-                    total = partials[0, f, tap, lane]
-                    for part in range(1, parts):
-                        total += partials[part, f, tap, lane]
-                    grad_weight[f, c, kh, kw] = total
+            source = np.uint64((f * taps + block * kernel_size) * lanes + c - block * lanes)
+            target = np.uint64((f * channels + c) * kernel_size)
+            for k in range(kernel_size):
+                at = source + np.uint64(k * lanes)
+                total = partials_flat[at]
+                for part in range(1, parts):
+                    total += partials_flat[at + np.uint64(part * part_len)]
+                grad_weight_flat[target + np.uint64(k)] = total
 
 
 @cached_njit(parallel=True)
