@@ -45,10 +45,13 @@ def _make_tbb_loadable():
     ``<prefix>/lib``, where the dynamic loader does not look, so Numba silently falls back to
     GNU OpenMP, which kills a forked child that runs a kernel ("fork() called from a process
     already using GNU OpenMP"). Loading the library by path first fixes that; TBB is also safe
-    for concurrent calls from several Python threads. Does nothing once Numba has started its
-    threads, or when the user chose a layer with NUMBA_THREADING_LAYER.
+    for concurrent calls from several Python threads. It also lets a user's
+    NUMBA_THREADING_LAYER=tbb (or safe, threadsafe, forksafe) find TBB: without it, that setting
+    failed on the first parallel call ("Intel TBB is required"). Does nothing once Numba has
+    started its threads, or when the user chose a layer other than TBB (omp, workqueue).
     """
-    if "NUMBA_THREADING_LAYER" in _os.environ or not _sys.platform.startswith("linux"):
+    chosen = _os.environ.get("NUMBA_THREADING_LAYER", "default").strip().lower()
+    if chosen in ("omp", "workqueue") or not _sys.platform.startswith("linux"):
         return
     from numba.np.ufunc import parallel
     library = _os.path.join(_sys.prefix, "lib", "libtbb.so.12")

@@ -40,6 +40,20 @@ def _read_only_child(env):
     return [], dict(env, NUMBA_CACHE_LOCATOR_CLASSES="UserWideCacheLocator")
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(sys.prefix, "lib", "libtbb.so.12")),
+                    reason="the tbb wheel is not installed (it comes with the test extra)")
+def test_numba_threading_layer_tbb_set_by_the_user_finds_the_tbb_wheel():
+    # the tbb wheel's library is where the dynamic loader does not look; numba_cnn loads it by
+    # path, also when the user asks for TBB by name (before, that failed: "Intel TBB is
+    # required")
+    script = SCRIPT + "import numba; print(numba.threading_layer())\n"
+    env = dict(os.environ, NUMBA_THREADING_LAYER="tbb")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "tbb"
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file permissions")
 def test_read_only_install_falls_back_to_a_user_cache(tmp_path):
     """Numba cannot write its cache beside read-only sources: it must use a user cache dir."""
