@@ -47,7 +47,7 @@ from numba import get_thread_id, njit, prange
 from numba.core import config
 
 from . import cached_njit
-from .layout import pack_channel_image
+from .layout import image_in_slot
 from .register_tile import ROWS as ROW_TILE
 from .register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS, REDUCE_TAPS,
                             SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS, build_broadcast_runner,
@@ -283,11 +283,8 @@ def _build_drivers(build):
                 if prepacked:
                     image_start = n * image_len
                 else:
-                    image_start = slot * image_len
-                    if slot_images[slot] != n:
-                        pack_channel_image(src, n, packed_flat, image_start, blocks, height,
-                                           width, lanes, pad_top, pad_left)
-                        slot_images[slot] = n
+                    image_start = image_in_slot(src, n, packed, slot_images, slot, pad_top,
+                                                pad_left)
                 for line_block in range(line_blocks):
                     first_line = line_block * block_lines
                     lines = min(block_lines, out_height - first_line)
@@ -379,11 +376,8 @@ def _build_blocked_correlate(build):
                 if slot >= slots:  # raised below: a raise in the loop would make it serial
                     slot_images[slots] = 1
                     continue
-                image_start = slot * image_len
-                if slot_images[slot] != n:
-                    pack_channel_image(src, n, packed_flat, image_start, blocks, height, width,
-                                       lanes, pad_top, pad_left)
-                    slot_images[slot] = n
+                image_start = image_in_slot(src, n, packed, slot_images, slot, pad_top,
+                                            pad_left)
             first_block = pair * BROADCAST_VECTORS
             vectors = min(BROADCAST_VECTORS, filter_blocks - first_block)
             src_line = image_start + i * line_stride

@@ -263,6 +263,21 @@ def pack_channel_image(src, n, dst_flat, image_start, blocks, padded_height, pad
                            padded_width, lanes, pad_left)
 
 
+@njit
+def image_in_slot(src, n, packed, slot_images, slot, pad_top, pad_left):
+    """Where image ``n`` of ``src`` starts in the flat ``packed`` (S, CB, H, W, LANES): in slot
+    ``slot``, packed there first (``pack_channel_image``) unless ``slot_images[slot]`` says the
+    slot holds it already, and recorded there. The per-thread packing of the blocked
+    kernels: each thread calls it with its own slot only."""
+    _, blocks, height, width, lanes = packed.shape
+    image_start = slot * blocks * height * width * lanes
+    if slot_images[slot] != n:
+        pack_channel_image(src, n, packed.reshape(-1), image_start, blocks, height, width,
+                           lanes, pad_top, pad_left)
+        slot_images[slot] = n
+    return image_start
+
+
 @cached_njit(parallel=True)
 def unblock_grad_weight(partials, grad_weight):
     """Fill ``grad_weight`` (F, C, KH, KW) with the sum, in order, of the channel-blocked
