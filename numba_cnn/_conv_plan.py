@@ -473,12 +473,6 @@ class ChannelBlockedPlan:
         """The plan for ``geometry`` and an element size, built once."""
         return ChannelBlockedPlan(geometry, itemsize)
 
-    def pack_input(self, x):
-        """x (N, C, H, W) in the channel-blocked layout, padded, on a cache-line boundary."""
-        g = self.geometry
-        return pack_blocked(x, self.blocks, g.padded_height, g.padded_width, g.pad[0], g.pad[2],
-                            self.lanes)
-
     def forward_weights(self, weight):
         """weight (F, C, KH, KW) as ``blocked_correlate``'s (FB, T, LANES) matrix."""
         g = self.geometry

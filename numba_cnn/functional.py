@@ -106,8 +106,9 @@ def _blocked_forward(x, weight, bias, geometry):
     matrix = plan.forward_weights(weight)
     out = aligned_empty((geometry.batch, plan.filter_blocks, geometry.out_height,
                          geometry.out_width, plan.lanes), x.dtype)
-    packed, slot_images = _packing_slots(plan.blocks, geometry.padded_height,
-                                         geometry.padded_width, plan.lanes, x.dtype)
+    packed, slot_images = _blocked_source(x, True, plan.blocks, geometry.padded_height,
+                                          geometry.padded_width, geometry.pad[0],
+                                          geometry.pad[2], plan.lanes)
     # Leaving out the terms that read padding rows would leave out their 0 * inf = NaN too: with
     # a NaN or inf weight every line sums all its terms, so that NaN spreads as in PyTorch.
     line_terms = plan.line_terms
@@ -130,13 +131,9 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
     # One phase packs image by image as it goes. Several share one packed copy: packing again
     # for every phase was slower (strided input gradients, 1.04-1.09x on res28, res14 and 512
     # channels at 14x14, 1.14-1.21x on 64 channels at 14x14 and mnist2's 32).
-    if len(plan.phases) > 1:
-        packed = pack_blocked(grad_out, plan.blocks, plan.padded_height, plan.padded_width,
-                              plan.pad_top, plan.pad_left, plan.lanes)
-        slot_images = np.empty(0, dtype=np.int64)  # prepacked
-    else:
-        packed, slot_images = _packing_slots(plan.blocks, plan.padded_height,
-                                             plan.padded_width, plan.lanes, dtype)
+    packed, slot_images = _blocked_source(grad_out, len(plan.phases) <= 1, plan.blocks,
+                                          plan.padded_height, plan.padded_width, plan.pad_top,
+                                          plan.pad_left, plan.lanes)
     bias_values = _bias_values(bias, geometry.in_channels, dtype)
     outs = []  # every phase's result, computed before grad_x exists: a lower memory peak
     for phase in plan.phases:
@@ -158,11 +155,18 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
     return grad_x
 
 
-def _packing_slots(blocks, padded_height, padded_width, lanes, dtype):
-    """``blocked_correlate``'s scratch: one padded, channel-blocked image per thread, and the
-    slots' bookkeeping."""
+def _blocked_source(src, per_thread, blocks, padded_height, padded_width, pad_top, pad_left,
+                    lanes):
+    """(packed, slot_images) for ``blocked_correlate`` and ``blocked_grad_weight`` reading
+    ``src`` (N, C, H, W) in the channel-blocked layout, padded to (padded_height,
+    padded_width) from (pad_top, pad_left): if ``per_thread``, a slot per thread for the
+    kernel to pack images into as it goes, with the slots' bookkeeping; else all of src
+    packed now, with no bookkeeping (size 0: "prepacked")."""
+    if not per_thread:
+        return (pack_blocked(src, blocks, padded_height, padded_width, pad_top, pad_left, lanes),
+                np.empty(0, dtype=np.int64))
     threads = numba.get_num_threads()
-    return (aligned_empty((threads, blocks, padded_height, padded_width, lanes), dtype),
+    return (aligned_empty((threads, blocks, padded_height, padded_width, lanes), src.dtype),
             np.full(threads + 1, -1, dtype=np.int64))
 
 
@@ -254,11 +258,10 @@ def _channel_blocked_grad_weight(grad_out, x, geometry):
     """``_conv2d_grad_weight`` on the channel-blocked input (``ChannelBlockedPlan``)."""
     plan = ChannelBlockedPlan.for_geometry(geometry, x.dtype.itemsize)
     parts = plan.batch_parts
-    if parts > 1:  # each thread packs the images of its part
-        packed, slot_images = _packing_slots(plan.blocks, geometry.padded_height,
-                                             geometry.padded_width, plan.lanes, x.dtype)
-    else:
-        packed, slot_images = plan.pack_input(x), np.empty(0, dtype=np.int64)
+    # with two parts each thread packs the images of its part; with one, all threads read all
+    packed, slot_images = _blocked_source(x, parts > 1, plan.blocks, geometry.padded_height,
+                                          geometry.padded_width, geometry.pad[0],
+                                          geometry.pad[2], plan.lanes)
     partials = aligned_empty((parts, geometry.out_channels, plan.offsets.size, plan.lanes),
                              x.dtype)
     threads = numba.get_num_threads()
