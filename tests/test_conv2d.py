@@ -1,5 +1,7 @@
 """Tests for ``numba_cnn.functional.conv2d`` / ``conv2d_backward`` against the NumPy reference
 (``numba_cnn.reference``) and, when installed, PyTorch."""
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -417,6 +419,31 @@ def test_non_finite_weights_propagate_like_reference(channel_blocked, dtype, rng
     finite = np.isfinite(ref)
     assert_close(y[finite], ref[finite], RTOL[dtype], "finite outputs")
 
+
+
+@pytest.mark.parametrize("height, channels", [(28, 32), (6, 48)],
+                         ids=["larger_than_weight", "smaller_than_weight"])
+def test_strided_blocked_input_gradient_holds_one_phase_where_grad_x_is_large(
+        height, channels, rng):
+    # Stride 2: four phases whose results together are as large as grad_x. Where grad_x is
+    # larger than the weight, each is written into grad_x before the next is computed, so the
+    # pass's peak beyond grad_x stays well under one grad_x; elsewhere all are computed first.
+    x = rng.standard_normal((2, channels, height, height - 1)).astype(np.float32)
+    w = rng.standard_normal((channels, channels, 3, 3)).astype(np.float32)
+    geometry = _geometry(x, w, dict(stride=2, padding=1))
+    assert _conv_plan.blocked_input_gradient(geometry, x.itemsize)
+    g = rng.standard_normal(geometry.output_shape).astype(np.float32)
+    F._conv2d_grad_input(g, w, None, geometry)  # compiled before memory is traced
+    tracemalloc.start()
+    try:
+        grad_x = F._conv2d_grad_input(g, w, None, geometry)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_close(grad_x, R.conv2d_backward(g, x, w, stride=2, padding=1)[0], RTOL[np.float32],
+                 "grad_x")
+    if grad_x.nbytes > w.nbytes:
+        assert peak - grad_x.nbytes < 0.75 * grad_x.nbytes, (peak, grad_x.nbytes)
 
 # ---------------------------------------------------------------------------------------------
 # Bad input
