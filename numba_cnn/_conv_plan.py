@@ -474,10 +474,12 @@ class ChannelBlockedPlan:
         return ChannelBlockedPlan(geometry, itemsize)
 
     def forward_weights(self, weight):
-        """weight (F, C, KH, KW) as ``blocked_correlate``'s (FB, T, LANES) matrix."""
+        """weight (F, C, KH, KW) as ``blocked_correlate``'s (FB, T, LANES) matrix, and whether
+        all of it is finite."""
         g = self.geometry
         return gather_blocked(weight, False, np.arange(g.kernel[0]), np.arange(g.kernel[1]),
-                              self.filter_blocks, self.term_offsets.size, self.lanes)
+                              self.filter_blocks, self.term_offsets.size, self.lanes,
+                              check=True)
 
     def splits(self, thread_count):
         """(row_splits, tap_splits) for ``blocked_grad_weight``: one task per thread, by rows
@@ -589,8 +591,12 @@ def pack_blocked(src, blocks, padded_height, padded_width, pad_top, pad_left, la
     return blocked
 
 
-def gather_blocked(weight, transposed, taps_h, taps_w, out_blocks, terms, lanes):
-    """``layout.gather_blocked_weights`` into a new aligned (out_blocks, terms, lanes) array."""
+def gather_blocked(weight, transposed, taps_h, taps_w, out_blocks, terms, lanes,
+                   check=False):
+    """``layout.gather_blocked_weights`` into a new aligned (out_blocks, terms, lanes) array;
+    with ``check``, also whether all the weights it holds are finite."""
     blocked = aligned_empty((out_blocks, terms, lanes), weight.dtype)
-    gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked)
-    return blocked
+    tasks = out_blocks * (terms // (len(taps_h) * len(taps_w) * lanes)) if check else 0
+    task_checks = np.empty(tasks, weight.dtype)
+    gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked, task_checks)
+    return (blocked, not task_checks.any()) if check else blocked

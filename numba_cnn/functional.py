@@ -20,7 +20,7 @@ from ._conv_plan import (BlockedInputGradPlan, ChannelBlockedPlan, ForwardPlan, 
                          blocked_weight_gradient, correlation_blocking, pack_blocked)
 from ._kernels.conv2d import (blocked_correlate, blocked_grad_weight, correlate,
                               correlate_grad_weight, ROW_TILE, TAP_TILE)
-from ._kernels.layout import all_finite, unblock_grad_weight, unblock_output, unpack_phases
+from ._kernels.layout import unblock_grad_weight, unblock_output, unpack_phases
 from ._kernels.register_tile import BROADCAST_PIXELS
 
 # Pooling lives in its own module (validation section + ops); this is the public surface.
@@ -103,7 +103,7 @@ def _conv2d_forward(x, weight, bias, geometry, grid=None):
 def _blocked_forward(x, weight, bias, geometry):
     """``_conv2d_forward`` on the channel-blocked layout (``ChannelBlockedPlan``)."""
     plan = ChannelBlockedPlan.for_geometry(geometry, x.dtype.itemsize)
-    matrix = plan.forward_weights(weight)
+    matrix, weight_finite = plan.forward_weights(weight)
     out = aligned_empty((geometry.batch, plan.filter_blocks, geometry.out_height,
                          geometry.out_width, plan.lanes), x.dtype)
     packed, slot_images = _blocked_source(x, True, plan.blocks, geometry.padded_height,
@@ -112,7 +112,7 @@ def _blocked_forward(x, weight, bias, geometry):
     # Leaving out the terms that read padding rows would leave out their 0 * inf = NaN too: with
     # a NaN or inf weight every line sums all its terms, so that NaN spreads as in PyTorch.
     line_terms = plan.line_terms
-    if plan.skips_padding and not all_finite(weight):
+    if plan.skips_padding and not weight_finite:
         line_terms = plan.all_line_terms
     blocked_correlate[geometry.stride[1]](x, geometry.pad[0], geometry.pad[2], packed,
                                           slot_images, plan.term_offsets, line_terms, matrix,

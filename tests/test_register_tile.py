@@ -283,7 +283,8 @@ def test_gather_blocked_weights(filters, channels, transposed, taps_h, taps_w, r
     out_blocks, in_blocks = -(-outputs // lanes), -(-inputs // lanes)
     taps = len(taps_h) * len(taps_w)
     blocked = np.full((out_blocks, in_blocks * taps * lanes, lanes), np.nan, dtype=np.float32)
-    gather_blocked_weights(weight, transposed, np.array(taps_h), np.array(taps_w), blocked)
+    gather_blocked_weights(weight, transposed, np.array(taps_h), np.array(taps_w), blocked,
+                           np.empty(0, np.float32))  # no finiteness check
     # (output, input, taps_h, taps_w), zero-padded to whole blocks
     by_output = weight.transpose(1, 0, 2, 3) if transposed else weight
     at_taps = by_output[:, :, taps_h][:, :, :, taps_w]
@@ -294,6 +295,18 @@ def test_gather_blocked_weights(filters, channels, transposed, taps_h, taps_w, r
     expected = padded.reshape(out_blocks, lanes, in_blocks, lanes, len(taps_h), len(taps_w)) \
         .transpose(0, 4, 2, 5, 3, 1).reshape(blocked.shape)
     np.testing.assert_array_equal(blocked, expected)
+
+    # the check: zero for tasks (output block, input block) that gathered finite weights only,
+    # NaN for one that gathered an inf or a NaN; weights at taps not gathered do not count
+    weight[-1, -1, taps_h[0], taps_w[-1]] = np.inf
+    weight[0, 0, 0, 0] = np.nan if 0 not in taps_h else weight[0, 0, 0, 0]
+    task_checks = np.full(out_blocks * in_blocks, 7.0, np.float32)
+    gather_blocked_weights(weight, transposed, np.array(taps_h), np.array(taps_w), blocked,
+                           task_checks)
+    expected_nan = np.zeros((out_blocks, in_blocks), bool)
+    expected_nan[-1, -1] = True  # the last filter and channel: the last block of both
+    np.testing.assert_array_equal(np.isnan(task_checks), expected_nan.reshape(-1))
+    np.testing.assert_array_equal(task_checks[~expected_nan.reshape(-1)], 0)
 
 
 @pytest.mark.parametrize("outputs", [16, 21, 40])
