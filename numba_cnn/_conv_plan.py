@@ -350,17 +350,24 @@ def blocked_weight_gradient(geometry, itemsize):
 
 
 # The forward and the input gradient run on the channel-blocked layout where the correlation
-# reads a whole number of channel vectors, at least two, and writes at least two vectors of
-# channels (filters for the forward, input channels for the input gradient). Since
-# ``blocked_correlate`` packs each image in the thread that reads it, that is almost
-# everywhere. Same-process A/B of each pass alone (grid / blocked time), forward and input
-# gradient: res14 1.10 and 1.16, res28 1.07 and 1.10, res56 1.04 and 1.04, mnist2 1.24 and
-# 1.23, odd5 (48 -> 80 channels, 5x5) 1.08 and 1.08, dil56 1.04 and 1.10, a 1x1 kernel (256 ->
-# 64 at 14x14) 1.04 and 1.15; stride 2: res14 1.17 and 1.36, res28 1.19 and 1.11, res56 1.05-
-# 1.11 (forward), dcgan's 64 -> 128 at 32x32 1.10 (forward). Where they lose, the grid stays:
+# reads at least two vectors of channels and writes at least two, at least 15/16 filled
+# (filters for the forward, input channels for the input gradient: the vector lanes, which a
+# partly filled last vector computes for nothing; a partly filled input vector costs nothing,
+# its missing channels have no terms). Since ``blocked_correlate`` packs each image in the
+# thread that reads it, that is almost everywhere. Same-process A/B of each pass alone (grid /
+# blocked time), forward and input gradient: res14 1.10 and 1.16, res28 1.07 and 1.10, res56
+# 1.04 and 1.04, mnist2 1.24 and 1.23, odd5 (48 -> 80 channels, 5x5) 1.08 and 1.08, dil56 1.04
+# and 1.10, a 1x1 kernel (256 -> 64 at 14x14) 1.04 and 1.15; stride 2: res14 1.17 and 1.36,
+# res28 1.19 and 1.11, res56 1.05-1.11 (forward), dcgan's 64 -> 128 at 32x32 1.10 (forward).
+# Partly filled vectors, 3x3 at 28x28 (the same channel count in and out, so both passes write
+# that fill): 120 channels (15/16) 1.03-1.05, 104 (13/14) 0.98-1.00, 88 (11/12) 0.98-1.01, 72
+# (9/10) 0.93-0.96, 56 (7/8) 0.94-0.98, 40 0.84-0.87, 33 0.74; 200 at 14x14 1.06-1.12; odd3
+# (100 -> 120 at 19x19) 1.07-1.11 (forward, 15/16 filled), 1.06-1.07 (input gradient, 100 of
+# 112 lanes: left on the grid; so are 88 and 72 channels at 14x14, which won 1.02-1.11: at
+# that fill the measured rule would depend on the width too). Where they lose, the grid stays:
 # - one vector of channels: 16 channels in 0.96 (forward) and 0.90 (input gradient), 16
 #   filters 0.87 (forward);
-# - partly filled vectors: odd3 (100 -> 120 channels) 1.00 and 0.97;
+# - less than 15/16 of the written vectors filled: 64 -> 36 channels at 28x28 0.81 (forward);
 # - strided input gradients of images wider than CHANNEL_BLOCKED_MAX_WIDTH (one correlation
 #   per stride phase, over one shared packed gradient): res56 s2 0.94, 64 channels at 32x32
 #   0.99, 56x56 with a 4x4 kernel 0.97, 128 channels at 56x56 0.99; at 28 and below the blocked
@@ -375,7 +382,8 @@ FORCE_CHANNEL_BLOCKED = None
 def _blocked_correlation_pays(in_channels, out_channels, itemsize):
     """Whether a correlation from ``in_channels`` to ``out_channels`` runs channel-blocked."""
     lanes = VECTOR_BYTES // itemsize
-    return in_channels % lanes == 0 and min(in_channels, out_channels) >= 2 * lanes
+    out_lanes = -(-out_channels // lanes) * lanes
+    return min(in_channels, out_channels) >= 2 * lanes and 16 * out_channels >= 15 * out_lanes
 
 
 def blocked_forward(geometry, itemsize):
@@ -448,8 +456,8 @@ class ChannelBlockedPlan:
         self.offsets[:offsets.size] = offsets.reshape(-1)
         # the forward's terms run tap rows outermost (kh, b, kw, lane), so that the tap rows
         # that read an output line's padding rows are a range of terms it can leave out
-        self.term_offsets = (offsets.transpose(1, 0, 2)[..., None]
-                             + np.arange(self.lanes)).reshape(-1)
+        self.term_offsets = blocked_term_offsets(offsets.transpose(1, 0, 2), g.in_channels,
+                                                 self.lanes)
         self.line_terms = _line_terms(g.out_height, g.stride[0], dh, kernel_h, g.pad[0],
                                       g.height, self.term_offsets.size // kernel_h)
         # every line summing all terms (padding rows included), and whether that differs
@@ -531,8 +539,8 @@ class BlockedInputGradPlan:
                 block = np.arange(self.blocks)[None, :, None]
                 offsets = ((block * self.padded_height + (shifts_h - first_h)[:, None, None])
                            * self.padded_width + (shifts_w - first_w)[None, None, :])
-                term_offsets = ((offsets.reshape(-1, 1) * self.lanes)
-                                + np.arange(self.lanes)).reshape(-1)
+                term_offsets = blocked_term_offsets(offsets * self.lanes, g.out_channels,
+                                                    self.lanes)
                 # the tap rows' reads are evenly spaced (a phase's taps are)
                 step = int(shifts_h[1] - shifts_h[0]) if len(shifts_h) > 1 else 1
                 assert (np.diff(shifts_h) == step).all()
@@ -591,12 +599,23 @@ def pack_blocked(src, blocks, padded_height, padded_width, pad_top, pad_left, la
     return blocked
 
 
+def blocked_term_offsets(offsets, channels, lanes):
+    """The terms of a channel-blocked correlation, in order, from ``offsets`` (taps_h, blocks,
+    taps_w), where tap (u, v) reads block b's vector of LANES channels: one term per channel
+    and tap, the block's lanes innermost, leaving out the lanes past ``channels`` (a partly
+    filled last block: summing its zero lanes cost 12% more terms for 100 channels)."""
+    real_lanes = np.arange(offsets.shape[1] * lanes).reshape(-1, lanes) < channels
+    terms = offsets[..., None] + np.arange(lanes)
+    return terms[np.broadcast_to(real_lanes[None, :, None, :], terms.shape)]
+
+
 def gather_blocked(weight, transposed, taps_h, taps_w, out_blocks, terms, lanes,
                    check=False):
     """``layout.gather_blocked_weights`` into a new aligned (out_blocks, terms, lanes) array;
     with ``check``, also whether all the weights it holds are finite."""
     blocked = aligned_empty((out_blocks, terms, lanes), weight.dtype)
-    tasks = out_blocks * (terms // (len(taps_h) * len(taps_w) * lanes)) if check else 0
+    inputs = weight.shape[0] if transposed else weight.shape[1]
+    tasks = out_blocks * -(-inputs // lanes) if check else 0
     task_checks = np.empty(tasks, weight.dtype)
     gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked, task_checks)
     return (blocked, not task_checks.any()) if check else blocked

@@ -379,6 +379,30 @@ def test_blocked_plans_sum_exactly_the_tap_rows_that_read_real_lines(kernel, str
                     np.testing.assert_array_equal(summed, real)
 
 
+
+@pytest.mark.parametrize("channels", [16, 21, 40])
+def test_blocked_terms_read_every_real_channel_at_every_tap_once(channels):
+    # a partly filled last channel block has no terms for its missing channels (their weights
+    # are zero): the terms are exactly the (channel, tap) pairs, tap rows outermost
+    g = _args.conv2d_geometry((1, channels, 6, 7), (channels + 3, channels, 3, 2), 1, 1, 1, 1,
+                              "test")
+    plan = _conv_plan.ChannelBlockedPlan(g, 4)
+    lanes, height, width = plan.lanes, g.padded_height, g.padded_width
+    lane, pixel = plan.term_offsets % lanes, plan.term_offsets // lanes
+    block, row, column = pixel // (height * width), pixel // width % height, pixel % width
+    channel = block * lanes + lane
+    assert (channel < channels).all()
+    pairs = set(zip(channel.tolist(), row.tolist(), column.tolist()))
+    assert len(pairs) == plan.term_offsets.size == channels * 3 * 2
+    assert (np.diff(row) >= 0).all()  # tap rows outermost
+    grad_plan = _conv_plan.BlockedInputGradPlan(g, 4)
+    (phase,) = grad_plan.phases
+    lane, pixel = phase.term_offsets % lanes, phase.term_offsets // lanes
+    filters = (pixel // (grad_plan.padded_height * grad_plan.padded_width)) * lanes + lane
+    assert (filters < g.out_channels).all()
+    assert phase.term_offsets.size == len(set(phase.term_offsets.tolist())) == (
+        g.out_channels * 3 * 2)
+
 def test_inf_propagates_like_reference(rng):
     case = ConvCase(2, 3, 7, 7, 4, 3, 3, padding=1)
     x, w, b, _ = make_inputs(case, rng)

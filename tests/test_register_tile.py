@@ -282,18 +282,24 @@ def test_gather_blocked_weights(filters, channels, transposed, taps_h, taps_w, r
     outputs, inputs = (channels, filters) if transposed else (filters, channels)
     out_blocks, in_blocks = -(-outputs // lanes), -(-inputs // lanes)
     taps = len(taps_h) * len(taps_w)
-    blocked = np.full((out_blocks, in_blocks * taps * lanes, lanes), np.nan, dtype=np.float32)
+    blocked = np.full((out_blocks, taps * inputs, lanes), np.nan, dtype=np.float32)
     gather_blocked_weights(weight, transposed, np.array(taps_h), np.array(taps_w), blocked,
                            np.empty(0, np.float32))  # no finiteness check
-    # (output, input, taps_h, taps_w), zero-padded to whole blocks
+    # (output, input, taps_h, taps_w), outputs zero-padded to whole blocks
     by_output = weight.transpose(1, 0, 2, 3) if transposed else weight
     at_taps = by_output[:, :, taps_h][:, :, :, taps_w]
-    padded = np.zeros((out_blocks * lanes, in_blocks * lanes, len(taps_h), len(taps_w)),
-                      np.float32)
-    padded[:outputs, :inputs] = at_taps
-    # (output block, tap row, input block, tap column, input lane, output lane)
-    expected = padded.reshape(out_blocks, lanes, in_blocks, lanes, len(taps_h), len(taps_w)) \
-        .transpose(0, 4, 2, 5, 3, 1).reshape(blocked.shape)
+    padded = np.zeros((out_blocks * lanes, inputs, len(taps_h), len(taps_w)), np.float32)
+    padded[:outputs] = at_taps
+    # terms: tap row, input block, tap column, the block's inputs (none past the last input)
+    expected = np.empty_like(blocked)
+    term = 0
+    for u in range(len(taps_h)):
+        for in_block in range(in_blocks):
+            for v in range(len(taps_w)):
+                for i in range(in_block * lanes, min(inputs, (in_block + 1) * lanes)):
+                    expected[:, term] = padded[:, i, u, v].reshape(out_blocks, lanes)
+                    term += 1
+    assert term == blocked.shape[1]
     np.testing.assert_array_equal(blocked, expected)
 
     # the check: zero for tasks (output block, input block) that gathered finite weights only,

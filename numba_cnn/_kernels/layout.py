@@ -307,11 +307,13 @@ def unblock_grad_weight(partials, grad_weight):
 @cached_njit(parallel=True, fastmath={"reassoc"})
 def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked, task_checks):
     """Fill ``blocked`` (OB, T, LANES), the weights of ``blocked_correlate``, from ``weight``
-    (F, C, KH, KW) at the taps ``taps_h x taps_w``: term ``((u * IB + ib) * len(taps_w) + v)
-    * LANES + lane`` (tap rows outermost, IB input blocks) of output block ``ob`` holds, in
-    lane ``ol``, the weight from input channel ``ib * LANES + lane`` to output channel
-    ``ob * LANES + ol`` at tap ``(taps_h[u], taps_w[v])``; zero where a channel index is out of
-    range.
+    (F, C, KH, KW) at the taps ``taps_h x taps_w``, for the terms of ``blocked_term_offsets``:
+    tap rows outermost, then input blocks, tap columns and the input block's channels. Term
+    ``u * len(taps_w) * I + ib * len(taps_w) * LANES + v * lanes_ib + lane`` (I inputs, IB
+    input blocks, of which only the last may hold fewer than LANES channels, ``lanes_ib``) of
+    output block ``ob`` holds, in lane ``ol``, the weight from input channel ``ib * LANES +
+    lane`` to output channel ``ob * LANES + ol`` at tap ``(taps_h[u], taps_w[v])``; zero where
+    the output channel is out of range. T must be ``len(taps_h) * len(taps_w) * I``.
 
     Forward (``transposed`` false): outputs are filters, inputs channels, ``weight[o, i, kh,
     kw]``. Input gradient (``transposed`` true): outputs are the channels, inputs the filters,
@@ -332,7 +334,10 @@ def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked, task_che
     outputs, inputs = (channels, filters) if transposed else (filters, channels)
     taps_h_count = taps_h.shape[0]
     taps_w_count = taps_w.shape[0]
-    in_blocks = terms // (taps_h_count * taps_w_count * lanes)
+    if terms != taps_h_count * taps_w_count * inputs:
+        raise ValueError("gather_blocked_weights: terms must be taps x inputs")
+    in_blocks = (inputs + lanes - 1) // lanes
+    row_terms = taps_w_count * inputs  # one tap row
     zero = blocked.dtype.type(0)
     weight_flat = weight.reshape(-1)
     blocked_flat = blocked.reshape(-1)
@@ -340,7 +345,6 @@ def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked, task_che
     # elements between consecutive outputs and inputs in weight
     out_stride = kernel_size if transposed else channels * kernel_size
     in_stride = channels * kernel_size if transposed else kernel_size
-    run = taps_w_count * lanes * lanes  # one tap row of one (output, input) block pair
     for task in prange(out_blocks * in_blocks):
         out_block = task // in_blocks
         in_block = task - out_block * in_blocks
@@ -348,17 +352,18 @@ def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked, task_che
         in_lanes = min(lanes, inputs - in_block * lanes)
         block_source = np.uint64(out_block * lanes * out_stride + in_block * lanes * in_stride)
         check = zero
+        run = taps_w_count * in_lanes * lanes  # one tap row of one (output, input) block pair
         for u in range(taps_h_count):
-            run_start = np.uint64(out_block * terms * lanes
-                                  + (u * in_blocks + in_block) * run)
-            if out_lanes < lanes or in_lanes < lanes:
+            run_start = np.uint64((out_block * terms + u * row_terms
+                                   + in_block * taps_w_count * lanes) * lanes)
+            if out_lanes < lanes:
                 for element in range(run):
                     blocked_flat[run_start + np.uint64(element)] = zero
             for v in range(taps_w_count):
                 tap = taps_h[u] * kernel_w + taps_w[v]
                 for in_lane in range(in_lanes):
                     source = block_source + np.uint64(in_lane * in_stride + tap)
-                    target = run_start + np.uint64((v * lanes + in_lane) * lanes)
+                    target = run_start + np.uint64((v * in_lanes + in_lane) * lanes)
                     for out_lane in range(out_lanes):
                         blocked_flat[target + np.uint64(out_lane)] = weight_flat[
                             source + np.uint64(out_lane * out_stride)]
