@@ -435,10 +435,11 @@ class ChannelBlockedPlan:
     the dtype) channels innermost. The weight gradient reads a whole vector of channels per
     output pixel for each tap ``(b, kh, kw)``, at ``offsets[(b * KH + kh) * KW + kw]``, and the
     output gradient as given, in rows of OW pixels. The forward reads one input value per term
-    at ``term_offsets`` in the order ``((kh * CB + b) * KW + kw) * LANES + lane`` (channel
-    ``b * LANES + lane`` at tap (kh, kw)), and writes LANES filters per vector; output line
-    ``i`` sums the terms ``line_terms[i]`` (first, count): the tap rows that read real input
-    lines (``all_line_terms``: all of them). Neither computes spare grid columns.
+    at ``term_offsets`` in the order (kh, b, kw, lane), channel ``b * LANES + lane`` at tap
+    (kh, kw), for the real channels only (``blocked_term_offsets``), and writes LANES filters
+    per vector; output line ``i`` sums the terms ``line_terms[i]`` (first, count): the tap
+    rows that read real input lines (``all_line_terms``: all of them). Neither computes spare
+    grid columns.
     """
 
     def __init__(self, geometry, itemsize):
