@@ -21,7 +21,7 @@ from ._conv_plan import (BlockedInputGradPlan, ChannelBlockedPlan, ForwardPlan, 
 from ._kernels.conv2d import (blocked_correlate, blocked_grad_weight, correlate,
                               correlate_grad_weight, ROW_TILE, TAP_TILE)
 from ._kernels.layout import unblock_grad_weight, unblock_output, unpack_phases
-from ._kernels.register_tile import BROADCAST_PIXELS
+from ._kernels.register_tile import BROADCAST_PIXELS, BROADCAST_VECTORS
 
 # Pooling lives in its own module (validation section + ops); this is the public surface.
 from ._pooling import (avg_pool2d, avg_pool2d_backward, global_avg_pool2d,  # noqa: E402
@@ -104,8 +104,6 @@ def _blocked_forward(x, weight, bias, geometry):
     """``_conv2d_forward`` on the channel-blocked layout (``ChannelBlockedPlan``)."""
     plan = ChannelBlockedPlan.for_geometry(geometry, x.dtype.itemsize)
     matrix, weight_finite = plan.forward_weights(weight)
-    out = aligned_empty((geometry.batch, plan.filter_blocks, geometry.out_height,
-                         geometry.out_width, plan.lanes), x.dtype)
     packed, slot_images = _blocked_source(x, True, plan.blocks, geometry.padded_height,
                                           geometry.padded_width, geometry.pad[0],
                                           geometry.pad[2], plan.lanes)
@@ -114,14 +112,32 @@ def _blocked_forward(x, weight, bias, geometry):
     line_terms = plan.line_terms
     if plan.skips_padding and not weight_finite:
         line_terms = plan.all_line_terms
-    blocked_correlate[geometry.stride[1]](x, geometry.pad[0], geometry.pad[2], packed,
-                                          slot_images, plan.term_offsets, line_terms, matrix,
-                                          out, geometry.stride[0], plan.pixel_tiles)
-    del packed, matrix  # freed before y exists
     y = np.empty(geometry.output_shape, dtype=x.dtype)
-    bias_values = _bias_values(bias, geometry.out_channels, x.dtype)
-    _unblock(out, bias_values, y, 0, 0, 1, 1)
+    blocked_correlate[geometry.stride[1]](
+        x, geometry.pad[0], geometry.pad[2], packed, slot_images, plan.term_offsets, line_terms,
+        matrix, _output_slots(geometry.batch, plan.filter_blocks, geometry.out_height,
+                              geometry.out_width, plan.lanes, x.dtype),
+        True, _bias_values(bias, geometry.out_channels, x.dtype), y, geometry.stride[0],
+        plan.pixel_tiles)
     return y
+
+
+# Output lines per task of an unblocking blocked_correlate: up to this many bytes of output
+# per thread (they stay in L2 beside the packed image until they are written out), and fewer
+# where that leaves fewer than TASKS_PER_THREAD tasks per thread.
+OUTPUT_SLOT_BYTES = 256 * 1024
+TASKS_PER_THREAD = 4
+
+
+def _output_slots(batch, out_blocks, out_height, out_width, lanes, dtype):
+    """An unblocking ``blocked_correlate``'s scratch: (threads, BROADCAST_VECTORS, lines,
+    out_width, lanes), some lines of a pair of output blocks per thread."""
+    threads = numba.get_num_threads()
+    line_bytes = BROADCAST_VECTORS * out_width * lanes * dtype.itemsize
+    line_items = batch * -(-out_blocks // BROADCAST_VECTORS) * out_height
+    lines = max(1, min(out_height, OUTPUT_SLOT_BYTES // line_bytes,
+                       line_items // (TASKS_PER_THREAD * threads)))
+    return aligned_empty((threads, BROADCAST_VECTORS, lines, out_width, lanes), dtype)
 
 
 def _blocked_input_gradient(grad_out, weight, bias, geometry):
@@ -135,6 +151,17 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
                                           plan.padded_height, plan.padded_width, plan.pad_top,
                                           plan.pad_left, plan.lanes)
     bias_values = _bias_values(bias, geometry.in_channels, dtype)
+    tiles = [-(-phase.columns // BROADCAST_PIXELS) for phase in plan.phases]
+    if len(plan.phases) == 1 and _writes_all(plan.phases[0], geometry):
+        (phase,) = plan.phases  # unblocked into grad_x by the correlation's tasks
+        matrix = plan.phase_weights(weight, phase.taps_h, phase.taps_w, phase.term_offsets.size)
+        grad_x = np.empty(geometry.input_shape, dtype=dtype)
+        blocked_correlate[1](grad_out, plan.pad_top, plan.pad_left, packed, slot_images,
+                             phase.term_offsets, phase.line_terms, matrix,
+                             _output_slots(geometry.batch, plan.channel_blocks, phase.rows,
+                                           phase.columns, plan.lanes, dtype),
+                             True, bias_values, grad_x, 1, tiles[0])
+        return grad_x
     # Several phases' results are together as large as grad_x. Where grad_x is larger than the
     # weight, each is written into grad_x before the next phase is computed: holding them all
     # set the backward's memory peak (res28 s2 1.29x of its arrays, 1.16x this way), at 1-4%
@@ -150,8 +177,8 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
         out = aligned_empty((geometry.batch, plan.channel_blocks, phase.rows, phase.columns,
                              plan.lanes), dtype)
         blocked_correlate[1](grad_out, plan.pad_top, plan.pad_left, packed, slot_images,
-                             phase.term_offsets, phase.line_terms, matrix, out, 1,
-                             -(-phase.columns // BROADCAST_PIXELS))
+                             phase.term_offsets, phase.line_terms, matrix, out, False,
+                             bias_values, _NO_DST[dtype.type], 1, tiles[index])
         pending.append((phase, out))
         del matrix, out
         if index < last and not write_each_phase:
@@ -162,12 +189,22 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
             grad_x = _bias_filled(geometry.input_shape, bias_values, plan.complete)
         while pending:
             done, out = pending.pop(0)
-            _unblock(out, bias_values, grad_x, done.first_row, done.first_column,
-                     *geometry.stride)
+            unblock_output(out, bias_values, grad_x, done.first_row, done.first_column,
+                           *geometry.stride)
             del out
     if grad_x is None:  # no phase has both taps and positions in x
         grad_x = _bias_filled(geometry.input_shape, bias_values, plan.complete)
     return grad_x
+
+
+def _writes_all(phase, geometry):
+    """Whether a ``BlockedPhase`` is all of the input gradient (not every stride-th position)."""
+    return ((phase.first_row, phase.first_column, phase.rows, phase.columns)
+            == (0, 0, geometry.height, geometry.width))
+
+
+# blocked_correlate's dst when it does not unblock
+_NO_DST = {dtype: np.empty((0, 0, 0, 0), dtype) for dtype in (np.float32, np.float64)}
 
 
 def _bias_filled(shape, bias_values, complete):
@@ -192,25 +229,6 @@ def _blocked_source(src, per_thread, blocks, padded_height, padded_width, pad_to
     threads = numba.get_num_threads()
     return (aligned_empty((threads, blocks, padded_height, padded_width, lanes), src.dtype),
             np.full(threads + 1, -1, dtype=np.int64))
-
-
-# unblock_output works line by line (a line's blocked source stays in L1 while each lane is
-# picked out of it); where it covers all of dst, the plane is cut into lines of up to this many
-# pixels instead of its image rows (11-pixel rows made mnist2's forward 5% slower).
-UNBLOCK_LINE_PIXELS = 512
-
-
-def _unblock(out, bias, dst, first_row, first_column, row_step, column_step):
-    """``unblock_output``, in longer lines where the phase is all of ``dst``."""
-    batch, blocks, rows, columns, lanes = out.shape
-    if (first_row, first_column) == (0, 0) and (rows, columns) == dst.shape[2:]:
-        # all of dst (a step > 1 then only occurs along an axis of size 1): a contiguous copy
-        plane = rows * columns
-        line = max(d for d in range(1, min(plane, UNBLOCK_LINE_PIXELS) + 1) if plane % d == 0)
-        out = out.reshape(batch, blocks, plane // line, line, lanes)
-        dst = dst.reshape(batch, dst.shape[1], plane // line, line)
-        row_step = column_step = 1
-    unblock_output(out, bias, dst, first_row, first_column, row_step, column_step)
 
 
 @_threads_by_geometry

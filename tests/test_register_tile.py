@@ -243,13 +243,25 @@ def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, st
     reach = ((out_height - 1) * sh * width + (out_width - 1) * sw) * lanes + 1
     offsets = rng.integers(0, packed[0].size - reach, size=terms).astype(np.int64)
     weight = rng.standard_normal((filter_blocks, terms, lanes)).astype(dtype)
-    out = np.full((batch, filter_blocks, out_height, out_width, lanes), np.nan, dtype=dtype)
+    # the sums in the blocked layout, or unblocked to NCHW by the tasks (not prepacked), in
+    # tasks of 1, 2 or 3 lines (the last one partial), with the last block partly used
+    unblock = not prepacked and out_width % 2 == 0
+    outputs = filter_blocks * lanes - 5
+    if unblock:
+        out = np.full((numba.get_num_threads(), 2, 1 + out_width % 3, out_width, lanes), np.nan,
+                      dtype=dtype)
+        dst = np.full((batch, outputs, out_height, out_width), np.nan, dtype=dtype)
+    else:
+        out = np.full((batch, filter_blocks, out_height, out_width, lanes), np.nan, dtype=dtype)
+        dst = np.empty((0, 0, 0, 0), dtype=dtype)
+    bias = rng.standard_normal(outputs).astype(dtype)
     # each line sums a range of the terms: all, a middle range, none
     line_terms = np.array([[0, terms], [2, terms - 3], [terms, 0]], dtype=np.int64)
     unused = np.full_like(src, np.nan)  # what src is for a prepacked call
     slot_images = np.full(0 if prepacked else slots + 1, -1, dtype=np.int64)
     blocked_correlate[sw](unused if prepacked else src, top, left, packed, slot_images, offsets,
-                          line_terms, weight, out, sh, -(-out_width // BROADCAST_PIXELS))
+                          line_terms, weight, out, unblock, bias, dst, sh,
+                          -(-out_width // BROADCAST_PIXELS))
     image = blocked_by_formula(src, lanes, top, left, height, width).reshape(batch, -1)
     i, j = np.meshgrid(np.arange(out_height), np.arange(out_width), indexing="ij")
     starts = (i * sh * width + j * sw) * lanes  # (OH, OW)
@@ -257,6 +269,10 @@ def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, st
     first, count = line_terms[:, :1], line_terms[:, 1:]
     summed = (np.arange(terms) >= first) & (np.arange(terms) < first + count)  # (OH, T)
     expected = np.einsum("nijt,btl,it->nbijl", reads, weight, summed)
+    if unblock:
+        out = dst
+        expected = expected.transpose(0, 1, 4, 2, 3).reshape(batch, -1, out_height, out_width)
+        expected = expected[:, :outputs] + bias[:, None, None]
     np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)
 
@@ -269,7 +285,22 @@ def test_blocked_correlation_refuses_fewer_slots_than_threads():
     with pytest.raises(ValueError, match="slots"):
         blocked_correlate[1](src, 0, 0, packed, np.full(1, -1), np.zeros(1, dtype=np.int64),
                              np.array([[0, 1]] * 3), np.ones((1, 1, 16), dtype=np.float32), out,
-                             1, 1)
+                             False, np.zeros(16, np.float32),
+                             np.empty((0, 0, 0, 0), np.float32), 1, 1)
+    # unblocking: a thread without an output slot of its own
+    packed = np.empty((numba.get_num_threads(), 1, 3, 3, 16), dtype=np.float32)
+    out_slots = np.empty((0, 2, 1, 3, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match="slots"):
+        blocked_correlate[1](src, 0, 0, packed, np.full(packed.shape[0] + 1, -1),
+                             np.zeros(1, dtype=np.int64), np.array([[0, 1]] * 3),
+                             np.ones((1, 1, 16), dtype=np.float32), out_slots, True,
+                             np.zeros(16, np.float32), np.empty((1, 16, 3, 3), np.float32), 1, 1)
+    # unblocking a prepacked input (no bookkeeping): no slots to unblock from
+    with pytest.raises(ValueError, match="slot per thread"):
+        blocked_correlate[1](src, 0, 0, packed, np.full(0, -1), np.zeros(1, dtype=np.int64),
+                             np.array([[0, 1]] * 3), np.ones((1, 1, 16), dtype=np.float32),
+                             np.empty((packed.shape[0], 2, 1, 3, 16), dtype=np.float32), True,
+                             np.zeros(16, np.float32), np.empty((1, 16, 3, 3), np.float32), 1, 1)
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["forward", "input_gradient"])

@@ -47,7 +47,7 @@ from numba import get_thread_id, njit, prange
 from numba.core import config
 
 from . import cached_njit
-from .layout import image_in_slot
+from .layout import image_in_slot, unblock_run
 from .register_tile import ROWS as ROW_TILE
 from .register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS, REDUCE_TAPS,
                             SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS, build_broadcast_runner,
@@ -318,86 +318,110 @@ def _build_blocked_correlate(build):
     ``build`` = (check bounds, register_tile.SOURCE_FINGERPRINT, column stride), the cache key
     as in ``_build_drivers``."""
     def blocked_correlate(src, pad_top, pad_left, packed, slot_images, offsets, line_terms,
-                          weight, out, stride_h, pixel_tiles):
-        """Set ``out[n, b, i, j, lane] = sum_t image_flat[(i * stride_h * W + j * stride_w)
+                          weight, out, unblock, bias, dst, stride_h, pixel_tiles):
+        """Set ``sums[n, b, i, j, lane] = sum_t image_flat[(i * stride_h * W + j * stride_w)
         * LANES + offsets[t]] * weight[b, t, lane]``, ``stride_w = build[2]``, the sum over the
         ``line_terms[i, 1]`` terms from ``line_terms[i, 0]`` on, where ``image_flat`` is image
         ``n`` of ``src`` in the channel-blocked layout, padded: ``layout.pack_channel_image(src,
-        n, ..., pad_top, pad_left)``.
+        n, ..., pad_top, pad_left)``. Unless ``unblock``, the sums are ``out`` (N, FB, OH, OW,
+        LANES), overwritten. With ``unblock``, ``dst[n, b * LANES + lane, i, j] = sums[n, b, i,
+        j, lane] + bias[b * LANES + lane]`` for dst (N, O, OH, OW), NCHW, and bias (O,); ``out``
+        (S, BROADCAST_VECTORS, L, OW, LANES) is then scratch for L output lines per thread.
 
         src : (N, C, H0, W0), as given; packed : (S, CB, H, W, LANES), scratch for one image
         in the blocked layout per thread (S = ``numba.get_num_threads()``), with
         ``slot_images`` (S + 1,) int64 set to -1 (it is overwritten); or all N images already
         packed (prepacked), with ``slot_images`` of size 0, and then src and the pads are not
-        used; offsets : (T,) int64, one per term, a (channel, tap) pair; line_terms : (OH, 2)
-        int64; weight : (FB, T, LANES), LANES filters per block; out : (N, FB, OH, OW, LANES),
-        overwritten.
+        used (nor can the sums be unblocked); offsets : (T,) int64, one per term, a (channel,
+        tap) pair; line_terms : (OH, 2) int64; weight : (FB, T, LANES), LANES filters per block.
 
-        A task is one (image, filter-block pair, output line) item, in that order; the threads
-        take contiguous ranges of them, handed out dynamically. A thread packs an image into
-        its own slot of ``packed`` when it first reaches it (again only if its range was split
-        in the middle of an image) and reads it from there, from its L2: packing all of the
-        input first, in parallel, and then correlating cost 0.1-0.6 ms more per call (res28
-        stride 2: 2.15 against 1.57 ms), about 0.1 ms per MB packed. Prepacked, the tasks run
-        pairs outermost instead (5% faster on res14's stride-2 input gradient).
+        A task is one (image, filter-block pair, range of output lines: one, or L unblocking)
+        item, in that order; the threads take contiguous ranges of them, handed out
+        dynamically. A thread packs an image into its own slot of ``packed`` when it first
+        reaches it (again only if its range was split in the middle of an image) and reads it
+        from there, from its L2: packing all of the input first, in parallel, and then
+        correlating cost 0.1-0.6 ms more per call (res28 stride 2: 2.15 against 1.57 ms), about
+        0.1 ms per MB packed. Prepacked, the tasks run pairs outermost instead (5% faster on
+        res14's stride-2 input gradient).
 
-        A task computes BROADCAST_VECTORS filter blocks of one output line in ``pixel_tiles``
-        tiles of up to BROADCAST_PIXELS pixels (as even as possible), each reduced over the
-        line's terms in registers (``register_tile``'s broadcast tile).
+        A task computes BROADCAST_VECTORS filter blocks of its output lines, each line in
+        ``pixel_tiles`` tiles of up to BROADCAST_PIXELS pixels (as even as possible), each
+        reduced over the line's terms in registers (``register_tile``'s broadcast tile).
+        Unblocking, it then writes its lines to dst from its thread's scratch, in L1 or L2: a
+        separate pass over the whole blocked output read it back from memory after other
+        threads wrote it.
         """
         batch = src.shape[0]
         slots, blocks, height, width, lanes = packed.shape
         filter_blocks, terms, _ = weight.shape
-        _, _, out_height, out_width, _ = out.shape
+        out_height = line_terms.shape[0]
+        out_width = out.shape[3]
+        task_lines = out.shape[2] if unblock else 1
+        line_ranges = (out_height + task_lines - 1) // task_lines  # per image and pair
         pairs = (filter_blocks + BROADCAST_VECTORS - 1) // BROADCAST_VECTORS
         image_len = blocks * height * width * lanes
         line_stride = stride_h * width * lanes
         pixel_step = build[2] * lanes
+        out_vector_stride = out.shape[2] * out_width * lanes
         packed_flat = packed.reshape(-1)
         weight_flat = weight.reshape(-1)
         out_flat = out.reshape(-1)
         # slot_images[s]: the image that slot s holds; slot_images[S] > 0: a thread had no slot.
         # (The caller allocates them: arrays allocated here cost ~15 us per call.)
         prepacked = slot_images.size == 0
+        if unblock and prepacked:
+            raise ValueError("blocked_correlate: unblocking needs a slot per thread")
         if build[0]:  # NUMBA_BOUNDSCHECK
             _check_reads(packed_flat, offsets, (slots - 1) * image_len
                          + (out_height - 1) * line_stride, (out_width - 1) * pixel_step + 1)
-        for task in prange(batch * pairs * out_height):
+        for task in prange(batch * pairs * line_ranges):
             if prepacked:  # pairs outermost: a thread's next tasks reuse the weights, in L2
-                pair = np.int64(task) // (batch * out_height)
-                n = (np.int64(task) - pair * batch * out_height) // out_height
-                i = np.int64(task) - (pair * batch + n) * out_height
+                pair = np.int64(task) // (batch * line_ranges)
+                n = (np.int64(task) - pair * batch * line_ranges) // line_ranges
+                line_range = np.int64(task) - (pair * batch + n) * line_ranges
                 image_start = n * image_len
             else:
-                n = np.int64(task) // (pairs * out_height)
-                pair = (np.int64(task) - n * pairs * out_height) // out_height
-                i = np.int64(task) - (n * pairs + pair) * out_height
+                n = np.int64(task) // (pairs * line_ranges)
+                pair = (np.int64(task) - n * pairs * line_ranges) // line_ranges
+                line_range = np.int64(task) - (n * pairs + pair) * line_ranges
                 slot = np.int64(get_thread_id())  # in [0, get_num_threads()): one writer each
-                if slot >= slots:  # raised below: a raise in the loop would make it serial
-                    slot_images[slots] = 1
-                    continue
+                if slot >= slots or unblock and slot >= out.shape[0]:
+                    slot_images[slots] = 1  # raised below: a raise in the loop would make it
+                    continue                # serial
                 image_start = image_in_slot(src, n, packed, slot_images, slot, pad_top,
                                             pad_left)
             first_block = pair * BROADCAST_VECTORS
             vectors = min(BROADCAST_VECTORS, filter_blocks - first_block)
-            src_line = image_start + i * line_stride
-            out_line = ((n * filter_blocks + first_block) * out_height + i) * out_width * lanes
-            first_term = line_terms[i, 0]
-            line_offsets = offsets[first_term:]
-            j = 0
-            for tile in range(pixel_tiles):
-                pixels = _tile_width(out_width, pixel_tiles, tile)
-                src_start = src_line + j * pixel_step
-                weight_start = (first_block * terms + first_term) * lanes
-                out_start = out_line + j * lanes
-                out_vector_stride = out_height * out_width * lanes
-                run_broadcast_tile(vectors, pixels, packed_flat, src_start, line_offsets,
-                                   weight_flat, weight_start, terms * lanes, out_flat,
-                                   out_start, out_vector_stride, line_terms[i, 1])
-                j += pixels
+            first_line = line_range * task_lines
+            lines = min(task_lines, out_height - first_line)
+            if unblock:
+                out_start = slot * BROADCAST_VECTORS * out_vector_stride
+            else:
+                out_start = ((n * filter_blocks + first_block) * out_height + first_line) \
+                    * out_width * lanes
+            for line in range(lines):
+                i = first_line + line
+                first_term = line_terms[i, 0]
+                line_offsets = offsets[first_term:]
+                j = 0
+                for tile in range(pixel_tiles):
+                    pixels = _tile_width(out_width, pixel_tiles, tile)
+                    run_broadcast_tile(vectors, pixels, packed_flat,
+                                       image_start + i * line_stride + j * pixel_step,
+                                       line_offsets, weight_flat,
+                                       (first_block * terms + first_term) * lanes,
+                                       terms * lanes, out_flat,
+                                       out_start + (line * out_width + j) * lanes,
+                                       out_vector_stride, line_terms[i, 1])
+                    j += pixels
+            if unblock:
+                for v in range(vectors):
+                    unblock_run(out_flat, out_start + v * out_vector_stride, lines * out_width,
+                                lanes, bias, (first_block + v) * lanes, dst, n,
+                                first_line * out_width)
         # (checked after the fact: numba.get_num_threads() would make the kernel uncacheable)
         if not prepacked and slot_images[slots] > 0:
-            raise ValueError("blocked_correlate: fewer packing slots than threads")
+            raise ValueError("blocked_correlate: fewer slots than threads")
 
     # The stride's tile runner is a global of this copy of the function, not a closure value:
     # Numba keys its cache on the closure values, and a dispatcher in the closure pickles

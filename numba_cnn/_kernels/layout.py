@@ -374,12 +374,31 @@ def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked, task_che
             task_checks[task] = check
 
 
+@njit
+def unblock_run(blocked_flat, start, pixels, lanes, bias, first_output, dst, n, first_pixel):
+    """Set ``dst[n, first_output + lane].flat[first_pixel + p] = blocked_flat[start + p * LANES
+    + lane] + bias[first_output + lane]`` for ``p < pixels`` and the lanes of outputs in
+    range: a run of pixels of one channel block, LANES outputs innermost, into NCHW ``dst``
+    (N, O, H, W). (Flat unsigned indices, as in ``unblock_output``.)"""
+    outputs = dst.shape[1]
+    plane = dst.shape[2] * dst.shape[3]
+    dst_flat = dst.reshape(-1)
+    for lane in range(min(lanes, outputs - first_output)):
+        o = first_output + lane
+        value = bias[o]
+        target = np.uint64((n * outputs + o) * plane + first_pixel)
+        source = np.uint64(start + lane)
+        for p in range(pixels):
+            dst_flat[target + np.uint64(p)] = blocked_flat[source + np.uint64(p * lanes)] + value
+
+
 @cached_njit(parallel=True)
 def unblock_output(blocked, bias, dst, first_row, first_column, row_step, column_step):
     """Set ``dst[n, o, first_row + i * row_step, first_column + j * column_step] =
     blocked[n, o // LANES, i, j, o % LANES] + bias[o]``: the channel-blocked output
-    (N, OB, OH, OW, LANES) of ``blocked_correlate`` back in NCHW, (N, O, H, W); all of ``dst``
-    for the forward (0, 0, 1, 1), one stride phase of it for an input gradient. A task writes
+    (N, OB, OH, OW, LANES) of ``blocked_correlate`` back in NCHW, (N, O, H, W): one stride
+    phase of an input gradient with several (the forward and one-phase input gradients are
+    unblocked by ``blocked_correlate``'s own tasks, ``unblock_run``). A task writes
     the LANES planes of one (image, block) line by line: a line of the blocked source stays in
     L1 while each lane is picked out of it (lane by lane over a whole plane re-read it from L2
     LANES times: res56 0.58 ms against 0.39).
