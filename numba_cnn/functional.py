@@ -164,7 +164,7 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
         return grad_x
     # Several phases' results are together as large as grad_x. Where grad_x is larger than the
     # weight, each is written into grad_x before the next phase is computed: holding them all
-    # set the backward's memory peak (res28 s2 1.29x of its arrays, 1.16x this way), at 1-4%
+    # set the backward's memory peak (res28 s2 1.29x of its arrays, 1.16x this way), at 2-7%
     # of this pass (the packed gradient is read again from L3 after each unblocking).
     # Elsewhere the weight gradient's weight-sized buffers set that peak anyway, and all phases
     # are computed first (res14 s2: 2-6% faster).
