@@ -277,7 +277,7 @@ def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, st
                                atol=1e-5 if dtype == np.float32 else 1e-12)
 
 
-def test_blocked_correlation_refuses_fewer_slots_than_threads():
+def test_blocked_correlation_refuses_slots_or_outputs_that_do_not_fit():
     # a thread without a slot of its own would pack into another thread's image, or out of bounds
     src = np.ones((1, 16, 3, 3), dtype=np.float32)
     packed = np.empty((0, 1, 3, 3, 16), dtype=np.float32)
@@ -295,6 +295,13 @@ def test_blocked_correlation_refuses_fewer_slots_than_threads():
                              np.zeros(1, dtype=np.int64), np.array([[0, 1]] * 3),
                              np.ones((1, 1, 16), dtype=np.float32), out_slots, True,
                              np.zeros(16, np.float32), np.empty((1, 16, 3, 3), np.float32), 1, 1)
+    # unblocking into a dst of another shape than the sums
+    with pytest.raises(ValueError, match="do not fit"):
+        blocked_correlate[1](src, 0, 0, packed, np.full(packed.shape[0] + 1, -1),
+                             np.zeros(1, dtype=np.int64), np.array([[0, 1]] * 3),
+                             np.ones((1, 1, 16), dtype=np.float32),
+                             np.empty((packed.shape[0], 2, 1, 3, 16), dtype=np.float32), True,
+                             np.zeros(16, np.float32), np.empty((1, 16, 3, 4), np.float32), 1, 1)
     # unblocking a prepacked input (no bookkeeping): no slots to unblock from
     with pytest.raises(ValueError, match="slot per thread"):
         blocked_correlate[1](src, 0, 0, packed, np.full(0, -1), np.zeros(1, dtype=np.int64),

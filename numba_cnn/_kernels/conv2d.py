@@ -371,6 +371,10 @@ def _build_blocked_correlate(build):
         prepacked = slot_images.size == 0
         if unblock and prepacked:
             raise ValueError("blocked_correlate: unblocking needs a slot per thread")
+        if unblock and (dst.shape[0] != batch or dst.shape[1] > filter_blocks * lanes
+                        or dst.shape[2] != out_height or dst.shape[3] != out_width
+                        or out.shape[1] < BROADCAST_VECTORS):
+            raise ValueError("blocked_correlate: dst or the output slots do not fit the sums")
         if build[0]:  # NUMBA_BOUNDSCHECK
             _check_reads(packed_flat, offsets, (slots - 1) * image_len
                          + (out_height - 1) * line_stride, (out_width - 1) * pixel_step + 1)
