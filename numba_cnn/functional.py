@@ -113,13 +113,31 @@ def _blocked_forward(x, weight, bias, geometry):
     if plan.skips_padding and not weight_finite:
         line_terms = plan.all_line_terms
     y = np.empty(geometry.output_shape, dtype=x.dtype)
-    blocked_correlate[geometry.stride[1]](
-        x, geometry.pad[0], geometry.pad[2], packed, slot_images, plan.term_offsets, line_terms,
-        matrix, _output_slots(geometry.batch, plan.filter_blocks, geometry.out_height,
-                              geometry.out_width, plan.lanes, x.dtype),
-        True, _bias_values(bias, geometry.out_channels, x.dtype), y, geometry.stride[0],
-        plan.pixel_tiles)
+    _correlate_into(blocked_correlate[geometry.stride[1]], x, geometry.pad[0], geometry.pad[2],
+                    packed, slot_images, plan.term_offsets, line_terms, matrix,
+                    _bias_values(bias, geometry.out_channels, x.dtype), y, geometry.stride[0],
+                    plan.pixel_tiles)
     return y
+
+
+def _correlate_into(kernel, src, pad_top, pad_left, packed, slot_images, term_offsets,
+                    line_terms, matrix, bias, dst, stride_h, pixel_tiles):
+    """Run ``kernel`` (a ``blocked_correlate``) for all of ``dst`` (N, O, OH, OW), its sums plus
+    ``bias``: written by its own tasks from output slots, or, where a line per thread would
+    take more memory than the whole blocked output (few, very wide lines and many threads: a
+    (1, 64, 1, 16000) signal on 64 threads would need 131 MB of slots for a 4 MB output), into
+    a blocked output unblocked afterwards."""
+    batch, _, out_height, out_width = dst.shape
+    out_blocks, _, lanes = matrix.shape
+    slots = _output_slots(batch, out_blocks, out_height, out_width, lanes, dst.dtype)
+    if slots is not None:
+        kernel(src, pad_top, pad_left, packed, slot_images, term_offsets, line_terms, matrix,
+               slots, True, bias, dst, stride_h, pixel_tiles)
+        return
+    out = aligned_empty((batch, out_blocks, out_height, out_width, lanes), dst.dtype)
+    kernel(src, pad_top, pad_left, packed, slot_images, term_offsets, line_terms, matrix, out,
+           False, bias, _NO_DST[dst.dtype.type], stride_h, pixel_tiles)
+    unblock_output(out, bias, dst, 0, 0, 1, 1)
 
 
 # Output lines per task of an unblocking blocked_correlate: up to this many bytes of output
@@ -131,12 +149,15 @@ TASKS_PER_THREAD = 4
 
 def _output_slots(batch, out_blocks, out_height, out_width, lanes, dtype):
     """An unblocking ``blocked_correlate``'s scratch: (threads, BROADCAST_VECTORS, lines,
-    out_width, lanes), some lines of a pair of output blocks per thread."""
+    out_width, lanes), some lines of a pair of output blocks per thread; None where that is
+    larger than the whole blocked output."""
     threads = numba.get_num_threads()
     line_bytes = BROADCAST_VECTORS * out_width * lanes * dtype.itemsize
     line_items = batch * -(-out_blocks // BROADCAST_VECTORS) * out_height
     lines = max(1, min(out_height, OUTPUT_SLOT_BYTES // line_bytes,
                        line_items // (TASKS_PER_THREAD * threads)))
+    if threads * BROADCAST_VECTORS * lines > batch * out_blocks * out_height:
+        return None
     return aligned_empty((threads, BROADCAST_VECTORS, lines, out_width, lanes), dtype)
 
 
@@ -156,11 +177,9 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
         (phase,) = plan.phases  # unblocked into grad_x by the correlation's tasks
         matrix = plan.phase_weights(weight, phase.taps_h, phase.taps_w, phase.term_offsets.size)
         grad_x = np.empty(geometry.input_shape, dtype=dtype)
-        blocked_correlate[1](grad_out, plan.pad_top, plan.pad_left, packed, slot_images,
-                             phase.term_offsets, phase.line_terms, matrix,
-                             _output_slots(geometry.batch, plan.channel_blocks, phase.rows,
-                                           phase.columns, plan.lanes, dtype),
-                             True, bias_values, grad_x, 1, tiles[0])
+        _correlate_into(blocked_correlate[1], grad_out, plan.pad_top, plan.pad_left, packed,
+                        slot_images, phase.term_offsets, phase.line_terms, matrix, bias_values,
+                        grad_x, 1, tiles[0])
         return grad_x
     # Several phases' results are together as large as grad_x. Where grad_x is larger than the
     # weight, each is written into grad_x before the next phase is computed: holding them all

@@ -2,6 +2,7 @@
 (``numba_cnn.reference``) and, when installed, PyTorch."""
 import tracemalloc
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -402,6 +403,26 @@ def test_blocked_terms_read_every_real_channel_at_every_tap_once(channels):
     assert (filters < g.out_channels).all()
     assert phase.term_offsets.size == len(set(phase.term_offsets.tolist())) == (
         g.out_channels * 3 * 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_blocked_passes_on_few_wide_lines_unblock_afterwards(dtype, rng, monkeypatch):
+    # one output line of 32 channels: a line of output slots per thread would outweigh the
+    # whole blocked output once there are 2 threads, so the sums go through a blocked output
+    monkeypatch.setattr(_conv_plan, "FORCE_CHANNEL_BLOCKED", True)
+    x = rng.standard_normal((1, 32, 1, 40)).astype(dtype)
+    w = rng.standard_normal((32, 32, 1, 3)).astype(dtype)
+    b = rng.standard_normal(32).astype(dtype)
+    lanes = 64 // x.itemsize
+    slots = F._output_slots(1, 32 // lanes, 1, 40, lanes, x.dtype)
+    assert (slots is None) == (numba.get_num_threads() * 2 > 32 // lanes)
+    y = F.conv2d(x, w, b, padding=(0, 1))
+    assert_close(y, R.conv2d(x, w, b, padding=(0, 1)), RTOL[dtype], "forward")
+    g = rng.standard_normal(y.shape).astype(dtype)
+    grad_x, grad_w, _ = F.conv2d_backward(g, x, w, padding=(0, 1))
+    ref_x, ref_w, _ = R.conv2d_backward(g, x, w, padding=(0, 1))
+    assert_close(grad_x, ref_x, RTOL[dtype], "grad_x")
+    assert_close(grad_w, ref_w, RTOL[dtype], "grad_weight")
 
 def test_inf_propagates_like_reference(rng):
     case = ConvCase(2, 3, 7, 7, 4, 3, 3, padding=1)

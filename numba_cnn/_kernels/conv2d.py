@@ -373,7 +373,7 @@ def _build_blocked_correlate(build):
             raise ValueError("blocked_correlate: unblocking needs a slot per thread")
         if unblock and (dst.shape[0] != batch or dst.shape[1] > filter_blocks * lanes
                         or dst.shape[2] != out_height or dst.shape[3] != out_width
-                        or out.shape[1] < BROADCAST_VECTORS):
+                        or out.shape[1] < BROADCAST_VECTORS or bias.shape[0] < dst.shape[1]):
             raise ValueError("blocked_correlate: dst or the output slots do not fit the sums")
         if build[0]:  # NUMBA_BOUNDSCHECK
             _check_reads(packed_flat, offsets, (slots - 1) * image_len
