@@ -350,40 +350,50 @@ def blocked_weight_gradient(geometry, itemsize):
 
 
 # The forward and the input gradient run on the channel-blocked layout where the correlation
-# reads at least two vectors of channels and writes at least two, at least 15/16 filled
-# (filters for the forward, input channels for the input gradient: the vector lanes, which a
-# partly filled last vector computes for nothing; a partly filled input vector costs nothing,
-# its missing channels have no terms). Since ``blocked_correlate`` packs each image in the
-# thread that reads it, that is almost everywhere. Same-process A/B of each pass alone (grid /
-# blocked time), forward and input gradient: res14 1.10 and 1.16, res28 1.07 and 1.10, res56
-# 1.04 and 1.04, mnist2 1.24 and 1.23, odd5 (48 -> 80 channels, 5x5) 1.08 and 1.08, dil56 1.04
-# and 1.10, a 1x1 kernel (256 -> 64 at 14x14) 1.04 and 1.15; stride 2: res14 1.17 and 1.36,
-# res28 1.19 and 1.11, res56 1.05-1.11 (forward), dcgan's 64 -> 128 at 32x32 1.10 (forward).
-# Partly filled vectors, 3x3 at 28x28 (the same channel count in and out, so both passes write
-# that fill): 120 channels (15/16) 1.03-1.05, 104 (13/14) 0.98-1.00, 88 (11/12) 0.98-1.01, 72
-# (9/10) 0.93-0.96, 56 (7/8) 0.94-0.98, 40 0.84-0.87, 33 0.74; 200 at 14x14 1.06-1.12; odd3
-# (100 -> 120 at 19x19) 1.07-1.11 (forward, 15/16 filled), 1.06-1.07 (input gradient, 100 of
-# 112 lanes: left on the grid; so are 88 and 72 channels at 14x14, which won 1.02-1.11: at
-# that fill the measured rule would depend on the width too). Where they lose, the grid stays:
+# reads at least two vectors of channels and writes at least two, at least 15/16 filled, or
+# 7/8 filled for output lines of at most PARTLY_FILLED_MAX_WIDTH pixels (filters for the
+# forward, input channels for the input gradient: the vector lanes, which a partly filled last
+# vector computes for nothing; a partly filled input vector costs nothing, its missing
+# channels have no terms). Since ``blocked_correlate`` packs each image in the thread that
+# reads it, that is almost everywhere. Same-process A/B of each pass alone (grid / blocked
+# time), forward and input gradient: res14 1.10 and 1.16, res28 1.07 and 1.10, res56 1.04 and
+# 1.04, mnist2 1.24 and 1.23, odd5 (48 -> 80 channels, 5x5) 1.08 and 1.08, dil56 1.04 and
+# 1.10, a 1x1 kernel (256 -> 64 at 14x14) 1.04 and 1.15; stride 2: res14 1.17 and 1.36, res28
+# 1.19 and 1.11, res56 1.05-1.11 (forward), dcgan's 64 -> 128 at 32x32 1.10 (forward).
+# Partly filled vectors, 3x3, the same channel count in and out (both passes write that
+# fill), forward / input gradient:
+# - 15/16 and more: 120 channels at 28x28 1.03-1.05, 200 at 14x14 1.06-1.12, odd3's forward
+#   (100 -> 120 at 19x19) 1.07-1.14;
+# - 7/8 to 15/16 at widths up to 20: 56 channels at 14x14 1.00 / 1.07 and at 20x20 0.99 /
+#   1.07, 72 at 7x7 1.20 / 1.29, at 14x14 1.02-1.04 and at 19x19 1.04 / 1.05, 88 at 14x14
+#   1.05-1.11 and at 20x20 1.06 / 1.12, odd3's input gradient (100 of 112 lanes) 1.05-1.07;
+# - the same fills wider: at 24x24 100 channels 0.96 / 0.99; at 28x28 104 0.98-1.00, 88
+#   0.98-1.01, 72 0.93-0.96, 56 0.94-0.98;
+# - less: 40 channels at 28x28 0.84-0.87, 33 0.74.
+# Where they lose, the grid stays:
 # - one vector of channels: 16 channels in 0.96 (forward) and 0.90 (input gradient), 16
 #   filters 0.87 (forward);
-# - less than 15/16 of the written vectors filled: 64 -> 36 channels at 28x28 0.81 (forward);
+# - written vectors less filled (above): 64 -> 36 channels at 28x28 0.81 (forward);
 # - strided input gradients of images wider than CHANNEL_BLOCKED_MAX_WIDTH (one correlation
 #   per stride phase, over one shared packed gradient): res56 s2 0.94, 64 channels at 32x32
 #   0.99, 56x56 with a 4x4 kernel 0.97, 128 channels at 56x56 0.99; at 28 and below the blocked
 #   one wins (64 channels at 28x28 1.10, at 14x14 1.31; res28 s2 1.12).
 CHANNEL_BLOCKED_MAX_WIDTH = 28  # of x, for strided input gradients
+PARTLY_FILLED_MAX_WIDTH = 20  # of the output lines, for written vectors 7/8 to 15/16 filled
 # None: each pass takes the layout the rules above choose; True / False: the channel-blocked
 # layout wherever it is implemented (groups == 1; for the forward, column stride 1 or 2) /
 # nowhere. For tests.
 FORCE_CHANNEL_BLOCKED = None
 
 
-def _blocked_correlation_pays(in_channels, out_channels, itemsize):
-    """Whether a correlation from ``in_channels`` to ``out_channels`` runs channel-blocked."""
+def _blocked_correlation_pays(in_channels, out_channels, out_width, itemsize):
+    """Whether a correlation from ``in_channels`` to ``out_channels`` in output lines of
+    ``out_width`` pixels runs channel-blocked."""
     lanes = VECTOR_BYTES // itemsize
     out_lanes = -(-out_channels // lanes) * lanes
-    return min(in_channels, out_channels) >= 2 * lanes and 16 * out_channels >= 15 * out_lanes
+    filled = (16 * out_channels >= 15 * out_lanes
+              or 8 * out_channels >= 7 * out_lanes and out_width <= PARTLY_FILLED_MAX_WIDTH)
+    return min(in_channels, out_channels) >= 2 * lanes and filled
 
 
 def blocked_forward(geometry, itemsize):
@@ -393,7 +403,7 @@ def blocked_forward(geometry, itemsize):
         return False
     if FORCE_CHANNEL_BLOCKED is not None:
         return FORCE_CHANNEL_BLOCKED
-    return _blocked_correlation_pays(g.in_channels, g.out_channels, itemsize)
+    return _blocked_correlation_pays(g.in_channels, g.out_channels, g.out_width, itemsize)
 
 
 def blocked_input_gradient(geometry, itemsize):
@@ -403,7 +413,7 @@ def blocked_input_gradient(geometry, itemsize):
         return False
     if FORCE_CHANNEL_BLOCKED is not None:
         return FORCE_CHANNEL_BLOCKED
-    return (_blocked_correlation_pays(g.out_channels, g.in_channels, itemsize)
+    return (_blocked_correlation_pays(g.out_channels, g.in_channels, g.width, itemsize)
             and (g.stride == (1, 1) or g.width <= CHANNEL_BLOCKED_MAX_WIDTH))
 
 
