@@ -424,6 +424,24 @@ def test_blocked_passes_on_few_wide_lines_unblock_afterwards(dtype, rng, monkeyp
     assert_close(grad_x, ref_x, RTOL[dtype], "grad_x")
     assert_close(grad_w, ref_w, RTOL[dtype], "grad_weight")
 
+
+@pytest.mark.parametrize("channels, filters, width, forward, input_gradient", [
+    (128, 128, 28, True, True),     # res28
+    (100, 120, 19, True, True),     # odd3: 15/16 of the filters' vectors, 7/8 of the channels'
+    (100, 120, 24, True, False),    # wider: 7/8 is not enough
+    (72, 72, 14, True, True),       # 9/10 filled, narrow
+    (72, 72, 28, False, False),     # 9/10 filled, wide
+    (64, 36, 28, False, True),      # 36 of 48 lanes written by the forward
+    (40, 40, 7, False, False),      # 5/6 filled
+    (16, 64, 28, False, False),     # one vector of channels read (forward) / written
+])
+def test_blocked_layout_rules(channels, filters, width, forward, input_gradient):
+    # the layout choice documented beside _blocked_correlation_pays, float32 (16 lanes)
+    g = _args.conv2d_geometry((8, channels, width, width), (filters, channels, 3, 3), 1, 1, 1, 1,
+                              "test")
+    assert _conv_plan.blocked_forward(g, 4) == forward
+    assert _conv_plan.blocked_input_gradient(g, 4) == input_gradient
+
 def test_inf_propagates_like_reference(rng):
     case = ConvCase(2, 3, 7, 7, 4, 3, 3, padding=1)
     x, w, b, _ = make_inputs(case, rng)
