@@ -366,6 +366,7 @@ def _build_blocked_correlate(build):
         packed_flat = packed.reshape(-1)
         weight_flat = weight.reshape(-1)
         out_flat = out.reshape(-1)
+        dst_flat = dst.reshape(-1)
         # slot_images[s]: the image that slot s holds; slot_images[S] > 0: a thread had no slot.
         # (The caller allocates them: arrays allocated here cost ~15 us per call.)
         prepacked = slot_images.size == 0
@@ -420,9 +421,11 @@ def _build_blocked_correlate(build):
                     j += pixels
             if unblock:
                 for v in range(vectors):
+                    first_output = (first_block + v) * lanes
                     unblock_run(out_flat, out_start + v * out_vector_stride, lines * out_width,
-                                lanes, bias, (first_block + v) * lanes, dst, n,
-                                first_line * out_width)
+                                lanes, bias, first_output, dst.shape[1], dst_flat,
+                                ((n * dst.shape[1] + first_output) * out_height + first_line)
+                                * out_width, out_height * out_width)
         # (checked after the fact: numba.get_num_threads() would make the kernel uncacheable)
         if not prepacked and slot_images[slots] > 0:
             raise ValueError("blocked_correlate: fewer slots than threads")

@@ -375,21 +375,19 @@ def gather_blocked_weights(weight, transposed, taps_h, taps_w, blocked, task_che
 
 
 @njit
-def unblock_run(blocked_flat, start, pixels, lanes, bias, first_output, dst, n, first_pixel):
-    """Set ``dst[n, first_output + lane].flat[first_pixel + p] = blocked_flat[start + p * LANES
-    + lane] + bias[first_output + lane]`` for ``p < pixels`` and the lanes of outputs in
-    range: a run of pixels of one channel block, LANES outputs innermost, into NCHW ``dst``
-    (N, O, H, W). (Flat unsigned indices, as in ``unblock_output``.)"""
-    outputs = dst.shape[1]
-    plane = dst.shape[2] * dst.shape[3]
-    dst_flat = dst.reshape(-1)
+def unblock_run(blocked_flat, start, pixels, lanes, bias, first_output, outputs, dst_flat,
+                target, plane):
+    """Set ``dst_flat[target + lane * plane + p] = blocked_flat[start + p * LANES + lane] +
+    bias[first_output + lane]`` for ``p < pixels`` and the lanes of outputs below ``outputs``:
+    a run of pixels of one channel block, LANES outputs innermost, into the NCHW planes (of
+    ``plane`` elements) of outputs ``first_output`` on, from ``target`` in the first one.
+    (Flat unsigned indices, as in ``unblock_output``.)"""
     for lane in range(min(lanes, outputs - first_output)):
-        o = first_output + lane
-        value = bias[o]
-        target = np.uint64((n * outputs + o) * plane + first_pixel)
+        value = bias[first_output + lane]
+        row = np.uint64(target + lane * plane)
         source = np.uint64(start + lane)
         for p in range(pixels):
-            dst_flat[target + np.uint64(p)] = blocked_flat[source + np.uint64(p * lanes)] + value
+            dst_flat[row + np.uint64(p)] = blocked_flat[source + np.uint64(p * lanes)] + value
 
 
 @cached_njit(parallel=True)
@@ -397,7 +395,8 @@ def unblock_output(blocked, bias, dst, first_row, first_column, row_step, column
     """Set ``dst[n, o, first_row + i * row_step, first_column + j * column_step] =
     blocked[n, o // LANES, i, j, o % LANES] + bias[o]``: the channel-blocked output
     (N, OB, OH, OW, LANES) of ``blocked_correlate`` back in NCHW, (N, O, H, W): one stride
-    phase of an input gradient with several (the forward and one-phase input gradients are
+    phase of an input gradient with several, or all of ``dst`` (0, 0, 1, 1) where output slots
+    would outweigh the blocked output (otherwise the forward and one-phase input gradients are
     unblocked by ``blocked_correlate``'s own tasks, ``unblock_run``). A task writes
     the LANES planes of one (image, block) line by line: a line of the blocked source stays in
     L1 while each lane is picked out of it (lane by lane over a whole plane re-read it from L2
@@ -413,16 +412,17 @@ def unblock_output(blocked, bias, dst, first_row, first_column, row_step, column
         valid_lanes = min(lanes, outputs - out_block * lanes)
         for i in range(out_height):
             source = np.uint64((task * out_height + i) * out_width * lanes)
+            row_start = (first_row + i * row_step) * width + first_column
+            if column_step == 1:  # unit-stride stores (the strided loop: 20% slower)
+                unblock_run(blocked_flat, source, out_width, lanes, bias, out_block * lanes,
+                            outputs, dst_flat,
+                            (n * outputs + out_block * lanes) * height * width + row_start,
+                            height * width)
+                continue
             for lane in range(valid_lanes):
                 o = out_block * lanes + lane
-                target = np.uint64(((n * outputs + o) * height + first_row + i * row_step)
-                                   * width + first_column)
+                target = np.uint64((n * outputs + o) * height * width + row_start)
                 value = bias[o]
-                if column_step == 1:  # unit-stride stores (the strided loop: 20% slower)
-                    for j in range(out_width):
-                        dst_flat[target + np.uint64(j)] = (
-                            blocked_flat[source + np.uint64(j * lanes + lane)] + value)
-                else:
-                    for j in range(out_width):
-                        dst_flat[target + np.uint64(j * column_step)] = (
-                            blocked_flat[source + np.uint64(j * lanes + lane)] + value)
+                for j in range(out_width):
+                    dst_flat[target + np.uint64(j * column_step)] = (
+                        blocked_flat[source + np.uint64(j * lanes + lane)] + value)
