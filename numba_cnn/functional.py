@@ -61,16 +61,31 @@ def _threads_by_geometry(conv_pass):
     return run
 
 
-def _blocking(block_shape, grid, offsets, matrix, out_grid):
-    """``correlate``'s (tap_block, tiles_per_task) for ``matrix`` on ``grid`` into ``out_grid``."""
+def _rows_per_tile(rows_per_group):
+    """``correlate``'s row tiles: 4 rows, or single rows when a group's rows are not a
+    multiple of 4."""
+    return ROW_TILE if rows_per_group % ROW_TILE == 0 else 1
+
+
+def _blocking(block_shape, grid, offsets, matrix, batch, out_len):
+    """``correlate``'s (tap_block, tiles_per_task) for ``matrix`` on ``grid`` into ``batch``
+    images of ``out_len`` pixels."""
     rows, taps = matrix.shape
-    _, batch, out_len = out_grid.shape
-    # correlate's row tiles: 4 rows, or single rows when a group's rows are not a multiple of 4
-    rows_per_group = rows // offsets.shape[0]
-    row_tiles = rows // ROW_TILE if rows_per_group % ROW_TILE == 0 else rows
+    row_tiles = rows // _rows_per_tile(rows // offsets.shape[0])
     return correlation_blocking(block_shape, taps, grid.image_stride * grid.data.itemsize,
                                 out_len, row_tiles, batch, grid.data.itemsize,
                                 numba.get_num_threads)
+
+
+def _grid_output_slots(rows_per_group, tiles_per_task, out_rows, out_len, dtype):
+    """An unpacking ``correlate``'s scratch: (threads, rows per task, out_len), a task's rows
+    per thread; None where that would be more than all ``out_rows`` rows of the output grid
+    (fewer tasks than threads)."""
+    threads = numba.get_num_threads()
+    task_rows = tiles_per_task * _rows_per_tile(rows_per_group)
+    if threads * task_rows > out_rows:
+        return None
+    return aligned_empty((threads, task_rows, out_len), dtype)
 
 
 def _bias_values(bias, channels, dtype):
@@ -88,12 +103,21 @@ def _conv2d_forward(x, weight, bias, geometry, grid=None):
     grid = plan.pack_input(x) if grid is None else grid
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     matrix = plan.weight_matrix(weight)
+    bias_values = _bias_values(bias, geometry.out_channels, x.dtype)
+    tap_block, tiles_per_task = _blocking(plan.block_shape, grid, plan.offsets, matrix,
+                                          geometry.batch, plan.out_len)
+    slots = _grid_output_slots(matrix.shape[0] // plan.offsets.shape[0], tiles_per_task,
+                               matrix.shape[0] * geometry.batch, plan.out_len, x.dtype)
+    if slots is not None:
+        y = np.empty(geometry.output_shape, dtype=x.dtype)
+        correlate(grid.data, grid.image_stride, plan.offsets, matrix, slots, tap_block,
+                  tiles_per_task, True, bias_values, y, 0, 0, plan.grid_w)
+        return y
     out_grid = aligned_empty((matrix.shape[0], geometry.batch, plan.out_len), x.dtype)
-    correlate(grid.data, grid.image_stride, plan.offsets, matrix, out_grid,
-              *_blocking(plan.block_shape, grid, plan.offsets, matrix, out_grid))
+    correlate(grid.data, grid.image_stride, plan.offsets, matrix, out_grid, tap_block,
+              tiles_per_task, False, bias_values, _NO_DST[x.dtype.type], 0, 0, 0)
     del grid  # freed before y exists (if the caller does not hold it): a lower memory peak
     y = np.empty(geometry.output_shape, dtype=x.dtype)
-    bias_values = _bias_values(bias, geometry.out_channels, x.dtype)
     unpack_phases(out_grid.reshape(-1), plan.phase_table, plan.phase_starts, plan.phase_lengths,
                   plan.first_rows, plan.filters_per_group, plan.filters_padded, plan.grid_w, 0,
                   0, bias_values, y)
@@ -260,6 +284,22 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
     grid = plan.pack_grad_output(grad_out)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     rows = geometry.groups * plan.channels_padded
+    bias_values = _bias_values(bias, geometry.in_channels, grad_out.dtype)
+    if plan.phase_table.shape == (1, 1):  # stride 1: one phase, a crop of its output grid
+        _, _, taps_h, taps_w, first_row, out_len, offsets, block_shape = plan.phases[0]
+        matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
+        tap_block, tiles_per_task = _blocking(block_shape, grid, offsets, matrix,
+                                              geometry.batch, out_len)
+        slots = _grid_output_slots(plan.channels_padded, tiles_per_task, rows * geometry.batch,
+                                   out_len, grad_out.dtype)
+        if slots is not None:
+            # grid row first_row + i is x's row i (see unpack_phases)
+            assert first_row == geometry.pad[0]
+            grad_x = np.empty(geometry.input_shape, dtype=grad_out.dtype)
+            correlate(grid.data, grid.image_stride, offsets, matrix, slots, tap_block,
+                      tiles_per_task, True, bias_values, grad_x, 0, geometry.pad[2],
+                      plan.grid_w)
+            return grad_x
     out_grids = aligned_empty((plan.grids_len,), grad_out.dtype)
     for (_, _, taps_h, taps_w, _, out_len, offsets, block_shape), start in zip(
             plan.phases, plan.phase_starts):
@@ -267,11 +307,11 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
         out_grid = out_grids[start:start + rows * geometry.batch * out_len]
         out_grid = out_grid.reshape(rows, geometry.batch, out_len)
         correlate(grid.data, grid.image_stride, offsets, matrix, out_grid,
-                  *_blocking(block_shape, grid, offsets, matrix, out_grid))
+                  *_blocking(block_shape, grid, offsets, matrix, geometry.batch, out_len),
+                  False, bias_values, _NO_DST[grad_out.dtype.type], 0, 0, 0)
     del grid, out_grid  # freed before grad_x exists: a lower memory peak
     # every position of grad_x is written (the bias alone where a phase has no taps)
     grad_x = np.empty(geometry.input_shape, dtype=grad_out.dtype)
-    bias_values = _bias_values(bias, geometry.in_channels, grad_out.dtype)
     unpack_phases(out_grids, plan.phase_table, plan.phase_starts, plan.phase_lengths,
                   plan.first_rows, plan.channels_per_group, plan.channels_padded, plan.grid_w,
                   geometry.pad[0], geometry.pad[2], bias_values, grad_x)

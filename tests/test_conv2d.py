@@ -425,6 +425,41 @@ def test_blocked_passes_on_few_wide_lines_unblock_afterwards(dtype, rng, monkeyp
     assert_close(grad_w, ref_w, RTOL[dtype], "grad_weight")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("channels, filters", [(8, 4), (4, 8)])
+def test_grid_passes_unpack_from_their_tasks_or_afterwards(channels, filters, batch, dtype,
+                                                           rng):
+    # Few channels: the grid. A task computes 4 rows of an image (filters in the forward,
+    # channels in the input gradient), so with one image and two threads, a task per thread
+    # would outweigh the whole output grid of 4 rows, and the sums go through it and are
+    # unpacked afterwards; otherwise the tasks write y's or grad_x's crop themselves.
+    threads = min(2, numba.config.NUMBA_NUM_THREADS)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        check_grid_unpacking(channels, filters, batch, threads, dtype, rng)
+    finally:
+        numba.set_num_threads(previous)
+
+
+def check_grid_unpacking(channels, filters, batch, threads, dtype, rng):
+    # > 1M multiply-adds: not left to one thread
+    x = rng.standard_normal((batch, channels, 64, 64)).astype(dtype)
+    w = rng.standard_normal((filters, channels, 3, 3)).astype(dtype)
+    b = rng.standard_normal(filters).astype(dtype)
+    for rows in (filters, channels):  # forward, input gradient
+        slots = F._grid_output_slots(rows, 1, rows * batch, 4096, x.dtype)
+        assert (slots is None) == (rows * batch < 4 * threads)
+    y = F.conv2d(x, w, b, padding=1)
+    assert_close(y, R.conv2d(x, w, b, padding=1), RTOL[dtype], "forward")
+    g = rng.standard_normal(y.shape).astype(dtype)
+    grad_x, grad_w, _ = F.conv2d_backward(g, x, w, padding=1)
+    ref_x, ref_w, _ = R.conv2d_backward(g, x, w, padding=1)
+    assert_close(grad_x, ref_x, RTOL[dtype], "grad_x")
+    assert_close(grad_w, ref_w, RTOL[dtype], "grad_weight")
+
+
 @pytest.mark.parametrize("channels, filters, width, forward, input_gradient", [
     (128, 128, 28, True, True),     # res28
     (100, 120, 19, True, True),     # odd3: 15/16 of the filters' vectors, 7/8 of the channels'

@@ -50,10 +50,79 @@ def test_correlation_kernel_matches_formula(rows, groups, vectors, tap_block, ti
     src, image_stride, offsets, weight, out_shape = random_correlation(
         rng, dtype, rows, groups, vectors)
     out = np.full(out_shape, np.nan, dtype=dtype)  # every position must be written
-    correlate(src, image_stride, offsets, weight, out, tap_block, tiles_per_task)
+    correlate(src, image_stride, offsets, weight, out, tap_block, tiles_per_task,
+              *no_unpack(dtype))
     expected = correlation_by_formula(src, image_stride, offsets, weight, out_shape)
     np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def no_unpack(dtype):
+    """correlate's arguments that turn its unpacking off (typed as the library passes them:
+    other types would compile another specialisation)."""
+    return False, np.zeros(0, dtype), np.zeros((0, 0, 0, 0), dtype), 0, 0, 0
+
+
+def unpack_crop(rows, groups, length):
+    """(filters, first_row, first_column, grid_w, height, width) of a crop of every row of
+    ``length`` pixels: a group's last row is left out (it stands for a padding row) where the
+    groups have several, and the crop keeps 1 or 2 of the grid's first rows and columns out."""
+    rows_per_group = rows // groups
+    filters = groups * (rows_per_group - 1 if rows_per_group > 1 else 1)
+    grid_w, width, first_column = 5, 3, 1
+    first_row = 1 if length >= 16 else 0
+    height = (length - first_column - width) // grid_w - first_row + 1
+    return filters, first_row, first_column, grid_w, height, width
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vectors", [1, 2, VECTORS + 1])
+@pytest.mark.parametrize("rows, groups", [(8, 2), (3, 3), (6, 2), (16, 1)],
+                         ids=["4_row_tiles", "1_row_groups", "3_row_groups", "4_tiles"])
+@pytest.mark.parametrize("tap_block, tiles_per_task", [(8, 1), (3, 2), (5, 3)])
+def test_unpacking_correlation_writes_the_crop_plus_bias(rows, groups, vectors, tap_block,
+                                                         tiles_per_task, dtype, rng):
+    src, image_stride, offsets, weight, out_shape = random_correlation(
+        rng, dtype, rows, groups, vectors)
+    _, batch, length = out_shape
+    filters, first_row, first_column, grid_w, height, width = unpack_crop(rows, groups, length)
+    rows_per_group, filters_per_group = rows // groups, filters // groups
+    bias = rng.standard_normal(filters).astype(dtype)
+    rows_per_task = tiles_per_task * (4 if rows_per_group % 4 == 0 else 1)
+    slots = np.full((numba.get_num_threads(), rows_per_task, length), np.nan, dtype)
+    dst = np.full((batch, filters, height, width), np.nan, dtype)
+    correlate(src, image_stride, offsets, weight, slots, tap_block, tiles_per_task, True, bias,
+              dst, first_row, first_column, grid_w)
+    sums = correlation_by_formula(src, image_stride, offsets, weight, out_shape)
+    f = np.arange(filters)
+    row = f // filters_per_group * rows_per_group + f % filters_per_group
+    pixels = ((first_row + np.arange(height))[:, None] * grid_w + first_column
+              + np.arange(width)[None, :])
+    expected = sums[row][:, :, pixels].transpose(1, 0, 2, 3) + bias[:, None, None]
+    np.testing.assert_allclose(dst, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_unpacking_correlation_refuses_slots_or_outputs_that_do_not_fit(rng):
+    src, image_stride, offsets, weight, (_, batch, length) = random_correlation(
+        rng, np.float32, 8, 1, 2)
+    bias = np.zeros(8, np.float32)
+    threads = numba.get_num_threads()
+
+    def run(slots_shape, dst_shape, first_row=0, tiles_per_task=1):
+        correlate(src, image_stride, offsets, weight, np.empty(slots_shape, np.float32), 8,
+                  tiles_per_task, True, bias, np.empty(dst_shape, np.float32), first_row, 0,
+                  length)
+
+    run((threads, 4, length), (batch, 8, 1, length))  # fits
+    with pytest.raises(ValueError, match="do not fit"):
+        run((threads, 4, length), (batch, 8, 1, length), tiles_per_task=2)  # 8 rows per task
+    with pytest.raises(ValueError, match="do not fit"):
+        run((threads, 4, length), (batch, 8, 1, length), first_row=1)  # past the grid row
+    with pytest.raises(ValueError, match="do not fit"):
+        run((threads, 4, length), (batch, 9, 1, length))  # more filters than rows
+    with pytest.raises(ValueError, match="fewer output slots"):
+        run((0, 4, length), (batch, 8, 1, length))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -62,7 +131,7 @@ def test_tile_sums_taps_in_order_with_one_fma_each(tap_block, dtype, rng):
     """The tile's documented rounding: out = fma(x_k, w_k, out) for k = 0, 1, ... from zero."""
     src, image_stride, offsets, weight, out_shape = random_correlation(rng, dtype, 4, 1, 2)
     out = np.empty(out_shape, dtype=dtype)
-    correlate(src, image_stride, offsets, weight, out, tap_block, 1)
+    correlate(src, image_stride, offsets, weight, out, tap_block, 1, *no_unpack(dtype))
     expected = np.zeros(out_shape[2], dtype=np.float64)
     for k, offset in enumerate(offsets[0]):
         # an FMA rounds once: exact product + sum, rounded to dtype (float64 products of float32
