@@ -156,11 +156,10 @@ class ForwardPlan:
         self.filters_padded = round_up(self.filters_per_group, ROW_TILE)
         # output pixels computed per image: whole grid rows, rounded to full vectors
         self.out_len = round_up(g.out_height * self.grid_w, 16)
-        # unpack_phases' description of the output grid: one phase, a crop
+        # correlate's and unpack_phases' description of the output grid: one phase, a crop
         self.phase_table = np.zeros((1, 1), dtype=np.int64)
-        self.phase_starts = np.zeros(1, dtype=np.int64)
+        self.phase_pixels = np.array([0, self.out_len], dtype=np.int64)
         self.first_rows = np.zeros(1, dtype=np.int64)
-        self.phase_lengths = np.array([self.out_len], dtype=np.int64)
         kh = np.arange(kh_count)[:, None]
         kw = np.arange(kw_count)[None, :]
         phase = ((kh * dh) % sh) * sw + (kw * dw) % sw
@@ -177,6 +176,7 @@ class ForwardPlan:
                                        + in_plane.shape).reshape(g.groups, -1)
         self.zero_offset = g.in_channels * phases * self.image_len
         self.offsets = pad_offsets(tap_planes * self.image_len + tap_in_plane, self.zero_offset)
+        self.phase_taps = np.array([0, self.offsets.shape[1]], dtype=np.int64)
         # The weight-gradient reduction reads the same positions with its taps sorted by read
         # position: with strides, the (c, kh, kw) order alternates between phase planes, while
         # sorted, a tile's taps share planes and so cache lines (dcgan's weight gradient 16%,
@@ -259,17 +259,20 @@ class InputGradPlan:
             phase_rows * self.grid_w, 16)
         self.zero_offset = g.out_channels * self.image_len  # in the image-major grid
         self.phases = self._phase_taps()
-        # the phases' output grids, one after another in one buffer (unpack_phases reads them
-        # all at once): phase_table[a, b] is the index of phase (a, b), -1 if it has no taps
+        # one correlation of all phases: each output row holds the phases' grids one after
+        # another (phase_pixels), their taps side by side (phase_taps), so that a task has all
+        # of its rows' phases to write into dx: phase_table[a, b] is the index of phase (a, b),
+        # -1 if it has no taps
         self.phase_table = np.full((sh, sw), -1, dtype=np.int64)
         for index, (phase_h, phase_w, *_) in enumerate(self.phases):
             self.phase_table[phase_h, phase_w] = index
         self.first_rows = np.array([phase[4] for phase in self.phases], dtype=np.int64)
-        self.phase_lengths = np.array([phase[5] for phase in self.phases], dtype=np.int64)
-        grid_sizes = g.groups * self.channels_padded * g.batch * self.phase_lengths
-        # each phase's grid starts on a cache line (its lengths are whole vectors)
-        self.phase_starts = np.concatenate([[0], np.cumsum(grid_sizes)[:-1]]).astype(np.int64)
-        self.grids_len = int(grid_sizes.sum())
+        # each phase's pixels start on a cache line (its lengths are whole vectors)
+        self.phase_pixels = np.cumsum([0] + [phase[5] for phase in self.phases]).astype(np.int64)
+        self.offsets = np.concatenate([phase[6] for phase in self.phases], axis=1)
+        self.phase_taps = np.cumsum([0] + [phase[6].shape[1] for phase in self.phases]).astype(
+            np.int64)
+        self.block_shapes = [phase[7] for phase in self.phases]
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
@@ -318,12 +321,16 @@ class InputGradPlan:
                          (self.margin_h, self.margin_w), (1, 1), (self.grid_h, self.grid_w),
                          self.image_len, self.read_span)
 
-    def weight_matrix(self, weight, taps_h, taps_w, columns):
-        """The (G * channels_padded, columns) matrix of one phase: rows are input channels,
-        columns (filter, kh, kw) in the order of that phase's offsets."""
+    def weight_matrix(self, weight):
+        """The (G * channels_padded, K) matrix of all phases: rows are input channels, columns
+        (filter, kh, kw) in the order of ``offsets``, phase by phase."""
         g = self.geometry
-        matrix = np.empty((g.groups * self.channels_padded, columns), dtype=weight.dtype)
-        gather_phase_weights(weight, g.groups, taps_h, taps_w, self.channels_padded, matrix)
+        matrix = np.empty((g.groups * self.channels_padded, self.offsets.shape[1]),
+                          dtype=weight.dtype)
+        for (_, _, taps_h, taps_w, *_), first_column, stop_column in zip(
+                self.phases, self.phase_taps[:-1], self.phase_taps[1:]):
+            gather_phase_weights(weight, g.groups, taps_h, taps_w, self.channels_padded, matrix,
+                                 first_column, stop_column - first_column)
         return matrix
 
 

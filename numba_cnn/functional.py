@@ -102,26 +102,44 @@ def _conv2d_forward(x, weight, bias, geometry, grid=None):
     plan = ForwardPlan.for_geometry(geometry)
     grid = plan.pack_input(x) if grid is None else grid
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
-    matrix = plan.weight_matrix(weight)
-    bias_values = _bias_values(bias, geometry.out_channels, x.dtype)
-    tap_block, tiles_per_task = _blocking(plan.block_shape, grid, plan.offsets, matrix,
-                                          geometry.batch, plan.out_len)
-    slots = _grid_output_slots(matrix.shape[0] // plan.offsets.shape[0], tiles_per_task,
-                               matrix.shape[0] * geometry.batch, plan.out_len, x.dtype)
-    if slots is not None:
-        y = np.empty(geometry.output_shape, dtype=x.dtype)
-        correlate(grid.data, grid.image_stride, plan.offsets, matrix, slots, tap_block,
-                  tiles_per_task, True, bias_values, y, 0, 0, plan.grid_w)
-        return y
-    out_grid = aligned_empty((matrix.shape[0], geometry.batch, plan.out_len), x.dtype)
-    correlate(grid.data, grid.image_stride, plan.offsets, matrix, out_grid, tap_block,
-              tiles_per_task, False, bias_values, _NO_DST[x.dtype.type], 0, 0, 0)
-    del grid  # freed before y exists (if the caller does not hold it): a lower memory peak
     y = np.empty(geometry.output_shape, dtype=x.dtype)
-    unpack_phases(out_grid.reshape(-1), plan.phase_table, plan.phase_starts, plan.phase_lengths,
-                  plan.first_rows, plan.filters_per_group, plan.filters_padded, plan.grid_w, 0,
-                  0, bias_values, y)
+    _correlate_grid_into(grid, plan.offsets, plan.phase_taps, plan.weight_matrix(weight),
+                         plan.phase_pixels, [plan.block_shape], plan.phase_table,
+                         plan.first_rows, plan.grid_w, (0, 0),
+                         _bias_values(bias, geometry.out_channels, x.dtype), y)
     return y
+
+
+def _correlate_grid_into(grid, offsets, phase_taps, matrix, phase_pixels, block_shapes,
+                         phase_table, first_rows, grid_w, pads, bias, dst):
+    """Run ``correlate`` on ``grid`` for all of ``dst`` (N, F, H, W), its sums unpacked as by
+    ``unpack_phases`` (with ``phase_table``, ``first_rows``, ``grid_w`` and ``pads`` = (top,
+    left)) plus ``bias``: by its own tasks from output slots, or, where a task per thread would
+    take more memory than the whole output grid (fewer tasks than threads), through the grid
+    and ``unpack_phases``. ``block_shapes``: each phase's ``correlation_blocking`` description
+    of its taps."""
+    batch, outputs = dst.shape[:2]
+    rows = matrix.shape[0]
+    groups = offsets.shape[0]
+    rows_per_group = rows // groups
+    starts = phase_pixels.tolist()  # (Python ints: NumPy scalars cost microseconds here)
+    blockings = [_blocking(block_shape, grid, offsets, matrix, batch, stop - start)
+                 for block_shape, start, stop in zip(block_shapes, starts, starts[1:])]
+    tap_blocks = np.array([tap_block for tap_block, _ in blockings], dtype=np.int64)
+    tiles_per_task = min(tiles for _, tiles in blockings)
+    row_len = starts[-1]
+    slots = _grid_output_slots(rows_per_group, tiles_per_task, rows * batch, row_len, dst.dtype)
+    if slots is not None:
+        correlate(grid.data, grid.image_stride, offsets, phase_taps, matrix, slots,
+                  phase_pixels, tap_blocks, tiles_per_task, True, bias, dst, phase_table,
+                  first_rows, grid_w, *pads)
+        return
+    out_grid = aligned_empty((rows, batch, row_len), dst.dtype)
+    correlate(grid.data, grid.image_stride, offsets, phase_taps, matrix, out_grid, phase_pixels,
+              tap_blocks, tiles_per_task, False, bias, _NO_DST[dst.dtype.type], phase_table,
+              first_rows, grid_w, *pads)
+    unpack_phases(out_grid.reshape(-1), phase_table, phase_pixels, first_rows, outputs // groups,
+                  rows_per_group, grid_w, *pads, bias, dst)
 
 
 def _blocked_forward(x, weight, bias, geometry):
@@ -283,38 +301,13 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
     plan = InputGradPlan.for_geometry(geometry)
     grid = plan.pack_grad_output(grad_out)
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
-    rows = geometry.groups * plan.channels_padded
-    bias_values = _bias_values(bias, geometry.in_channels, grad_out.dtype)
-    if plan.phase_table.shape == (1, 1):  # stride 1: one phase, a crop of its output grid
-        _, _, taps_h, taps_w, first_row, out_len, offsets, block_shape = plan.phases[0]
-        matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
-        tap_block, tiles_per_task = _blocking(block_shape, grid, offsets, matrix,
-                                              geometry.batch, out_len)
-        slots = _grid_output_slots(plan.channels_padded, tiles_per_task, rows * geometry.batch,
-                                   out_len, grad_out.dtype)
-        if slots is not None:
-            # grid row first_row + i is x's row i (see unpack_phases)
-            assert first_row == geometry.pad[0]
-            grad_x = np.empty(geometry.input_shape, dtype=grad_out.dtype)
-            correlate(grid.data, grid.image_stride, offsets, matrix, slots, tap_block,
-                      tiles_per_task, True, bias_values, grad_x, 0, geometry.pad[2],
-                      plan.grid_w)
-            return grad_x
-    out_grids = aligned_empty((plan.grids_len,), grad_out.dtype)
-    for (_, _, taps_h, taps_w, _, out_len, offsets, block_shape), start in zip(
-            plan.phases, plan.phase_starts):
-        matrix = plan.weight_matrix(weight, taps_h, taps_w, offsets.shape[1])
-        out_grid = out_grids[start:start + rows * geometry.batch * out_len]
-        out_grid = out_grid.reshape(rows, geometry.batch, out_len)
-        correlate(grid.data, grid.image_stride, offsets, matrix, out_grid,
-                  *_blocking(block_shape, grid, offsets, matrix, geometry.batch, out_len),
-                  False, bias_values, _NO_DST[grad_out.dtype.type], 0, 0, 0)
-    del grid, out_grid  # freed before grad_x exists: a lower memory peak
     # every position of grad_x is written (the bias alone where a phase has no taps)
     grad_x = np.empty(geometry.input_shape, dtype=grad_out.dtype)
-    unpack_phases(out_grids, plan.phase_table, plan.phase_starts, plan.phase_lengths,
-                  plan.first_rows, plan.channels_per_group, plan.channels_padded, plan.grid_w,
-                  geometry.pad[0], geometry.pad[2], bias_values, grad_x)
+    _correlate_grid_into(grid, plan.offsets, plan.phase_taps, plan.weight_matrix(weight),
+                         plan.phase_pixels, plan.block_shapes, plan.phase_table,
+                         plan.first_rows, plan.grid_w,
+                         (geometry.pad[0], geometry.pad[2]),
+                         _bias_values(bias, geometry.in_channels, grad_out.dtype), grad_x)
     return grad_x
 
 

@@ -17,7 +17,8 @@ F.conv2d_backward(np.ones_like(y), x, w, stride=2, padding=1)
 stats = {}
 for name, kernel in [("correlate", kernels.correlate),
                      ("correlate_grad_weight", kernels.correlate_grad_weight),
-                     ("pack_phases", layout.pack_phases), ("unpack_phases", layout.unpack_phases)]:
+                     ("pack_phases", layout.pack_phases),
+                     ("gather_phase_weights", layout.gather_phase_weights)]:
     stats[name] = [sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values())]
 print(json.dumps(stats))
 """

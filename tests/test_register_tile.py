@@ -12,31 +12,62 @@ import pytest
 from numba_cnn._kernels.conv2d import (_check_reads, blocked_correlate, blocked_grad_weight,
                                       correlate, correlate_grad_weight)
 from numba_cnn._kernels.layout import (gather_blocked_weights, pack_channel_blocks,
-                                       unblock_grad_weight, unblock_output)
+                                       unblock_grad_weight, unblock_output, unpack_phases)
 from numba_cnn._kernels.register_tile import BROADCAST_PIXELS, VECTOR_BYTES, VECTORS
 
 
-def correlation_by_formula(src, src_image_stride, offsets, weight, out_shape):
-    """out[r, n, p] = sum_k src[n * stride + offsets[group(r), k] + p] * weight[r, k], float64."""
+def correlation_by_formula(src, src_image_stride, offsets, weight, out_shape, phase_taps=None,
+                           phase_pixels=None):
+    """out[r, n, P_p + q] = sum_k src[n * stride + offsets[group(r), k] + q] * weight[r, k],
+    the sum over phase p's taps k, for its pixels q (from P_p = phase_pixels[p] on), float64;
+    by default one phase of all taps and pixels."""
     rows, batch, length = out_shape
+    if phase_taps is None:
+        phase_taps, phase_pixels = [0, offsets.shape[1]], [0, length]
     rows_per_group = rows // offsets.shape[0]
     out = np.zeros(out_shape)
-    for r in range(rows):
-        for n in range(batch):
-            for k, offset in enumerate(offsets[r // rows_per_group]):
-                start = n * src_image_stride + offset
-                out[r, n] += src[start:start + length].astype(np.float64) * weight[r, k]
+    for p in range(len(phase_taps) - 1):
+        first, pixels = phase_pixels[p], phase_pixels[p + 1] - phase_pixels[p]
+        for r in range(rows):
+            for n in range(batch):
+                for k in range(phase_taps[p], phase_taps[p + 1]):
+                    start = n * src_image_stride + offsets[r // rows_per_group, k]
+                    out[r, n, first:first + pixels] += (src[start:start + pixels].astype(
+                        np.float64) * weight[r, k])
     return out
 
 
-def random_correlation(rng, dtype, rows, groups, vectors):
+def random_correlation(rng, dtype, rows, groups, vectors, phases=1):
+    """(src, image_stride, offsets, weight, out_shape, phase_taps, phase_pixels): 8 taps per
+    phase with ``phases == 1``; else phases of 4 and 8 taps by turns, and of ``vectors`` and
+    ``vectors + 1`` vectors of pixels."""
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
-    batch, taps, length = 2, 8, vectors * lanes
+    phase_taps = np.cumsum([0] + [8 if phases == 1 or p % 2 else 4 for p in range(phases)])
+    phase_pixels = np.cumsum([0] + [(vectors + p % 2) * lanes for p in range(phases)])
+    batch, taps, length = 2, int(phase_taps[-1]), int(phase_pixels[-1])
     image_stride = 3 * length + 5
     src = rng.standard_normal(batch * image_stride + 2 * length).astype(dtype)
     offsets = rng.integers(0, image_stride, size=(groups, taps)).astype(np.int64)
     weight = rng.standard_normal((rows, taps)).astype(dtype)
-    return src, image_stride, offsets, weight, (rows, batch, length)
+    return (src, image_stride, offsets, weight, (rows, batch, length),
+            phase_taps.astype(np.int64), phase_pixels.astype(np.int64))
+
+
+# one phase: unpacking crops it (phase_table, first_rows of unpack_phases)
+ONE_PHASE = (np.zeros((1, 1), dtype=np.int64), np.zeros(1, dtype=np.int64))
+
+
+def run_correlation(src, image_stride, offsets, phase_taps, weight, out, phase_pixels,
+                    tap_block, tiles_per_task, unpack=False, bias=None, dst=None,
+                    phases=ONE_PHASE, grid_w=0, pads=(0, 0)):
+    """``correlate`` with one tap block size for every phase, its other arguments typed as the
+    library passes them (other types would compile another specialisation)."""
+    dtype = src.dtype
+    tap_blocks = np.full(phase_taps.size - 1, tap_block, dtype=np.int64)
+    bias = np.zeros(0, dtype) if bias is None else bias
+    dst = np.zeros((0, 0, 0, 0), dtype) if dst is None else dst
+    correlate(src, image_stride, offsets, phase_taps, weight, out, phase_pixels, tap_blocks,
+              tiles_per_task, unpack, bias, dst, *phases, grid_w, *pads)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -47,20 +78,32 @@ def random_correlation(rng, dtype, rows, groups, vectors):
 @pytest.mark.parametrize("tap_block, tiles_per_task", [(8, 1), (3, 2), (5, 3)])
 def test_correlation_kernel_matches_formula(rows, groups, vectors, tap_block, tiles_per_task,
                                             dtype, rng):
-    src, image_stride, offsets, weight, out_shape = random_correlation(
-        rng, dtype, rows, groups, vectors)
+    src, image_stride, offsets, weight, out_shape, phase_taps, phase_pixels = (
+        random_correlation(rng, dtype, rows, groups, vectors))
     out = np.full(out_shape, np.nan, dtype=dtype)  # every position must be written
-    correlate(src, image_stride, offsets, weight, out, tap_block, tiles_per_task,
-              *no_unpack(dtype))
+    run_correlation(src, image_stride, offsets, phase_taps, weight, out, phase_pixels,
+                    tap_block, tiles_per_task)
     expected = correlation_by_formula(src, image_stride, offsets, weight, out_shape)
     np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)
 
 
-def no_unpack(dtype):
-    """correlate's arguments that turn its unpacking off (typed as the library passes them:
-    other types would compile another specialisation)."""
-    return False, np.zeros(0, dtype), np.zeros((0, 0, 0, 0), dtype), 0, 0, 0
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vectors", [1, VECTORS + 1])
+@pytest.mark.parametrize("rows, groups", [(8, 2), (3, 3), (6, 2), (16, 1)],
+                         ids=["4_row_tiles", "1_row_groups", "3_row_groups", "4_tiles"])
+@pytest.mark.parametrize("tap_block, tiles_per_task", [(8, 1), (3, 2)])
+def test_phases_of_a_correlation_match_formula(rows, groups, vectors, tap_block,
+                                               tiles_per_task, dtype, rng):
+    src, image_stride, offsets, weight, out_shape, phase_taps, phase_pixels = (
+        random_correlation(rng, dtype, rows, groups, vectors, phases=3))
+    out = np.full(out_shape, np.nan, dtype=dtype)
+    run_correlation(src, image_stride, offsets, phase_taps, weight, out, phase_pixels,
+                    tap_block, tiles_per_task)
+    expected = correlation_by_formula(src, image_stride, offsets, weight, out_shape,
+                                      phase_taps, phase_pixels)
+    np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-5 if dtype == np.float32 else 1e-12)
 
 
 def unpack_crop(rows, groups, length):
@@ -75,24 +118,29 @@ def unpack_crop(rows, groups, length):
     return filters, first_row, first_column, grid_w, height, width
 
 
+def unpacking_slots(rows, groups, tiles_per_task, length, dtype):
+    rows_per_task = tiles_per_task * (4 if (rows // groups) % 4 == 0 else 1)
+    return np.full((numba.get_num_threads(), rows_per_task, length), np.nan, dtype)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("vectors", [1, 2, VECTORS + 1])
 @pytest.mark.parametrize("rows, groups", [(8, 2), (3, 3), (6, 2), (16, 1)],
                          ids=["4_row_tiles", "1_row_groups", "3_row_groups", "4_tiles"])
 @pytest.mark.parametrize("tap_block, tiles_per_task", [(8, 1), (3, 2), (5, 3)])
-def test_unpacking_correlation_writes_the_crop_plus_bias(rows, groups, vectors, tap_block,
-                                                         tiles_per_task, dtype, rng):
-    src, image_stride, offsets, weight, out_shape = random_correlation(
-        rng, dtype, rows, groups, vectors)
+def test_unpacking_correlation_matches_crop_formula(rows, groups, vectors, tap_block,
+                                                   tiles_per_task, dtype, rng):
+    src, image_stride, offsets, weight, out_shape, phase_taps, phase_pixels = (
+        random_correlation(rng, dtype, rows, groups, vectors))
     _, batch, length = out_shape
     filters, first_row, first_column, grid_w, height, width = unpack_crop(rows, groups, length)
     rows_per_group, filters_per_group = rows // groups, filters // groups
     bias = rng.standard_normal(filters).astype(dtype)
-    rows_per_task = tiles_per_task * (4 if rows_per_group % 4 == 0 else 1)
-    slots = np.full((numba.get_num_threads(), rows_per_task, length), np.nan, dtype)
     dst = np.full((batch, filters, height, width), np.nan, dtype)
-    correlate(src, image_stride, offsets, weight, slots, tap_block, tiles_per_task, True, bias,
-              dst, first_row, first_column, grid_w)
+    run_correlation(src, image_stride, offsets, phase_taps, weight,
+                    unpacking_slots(rows, groups, tiles_per_task, length, dtype), phase_pixels,
+                    tap_block, tiles_per_task, True, bias, dst, grid_w=grid_w,
+                    pads=(first_row, first_column))
     sums = correlation_by_formula(src, image_stride, offsets, weight, out_shape)
     f = np.arange(filters)
     row = f // filters_per_group * rows_per_group + f % filters_per_group
@@ -103,22 +151,54 @@ def test_unpacking_correlation_writes_the_crop_plus_bias(rows, groups, vectors, 
                                atol=1e-5 if dtype == np.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, groups", [(8, 2), (3, 3), (16, 1)],
+                         ids=["4_row_tiles", "1_row_groups", "4_tiles"])
+@pytest.mark.parametrize("tap_block, tiles_per_task", [(8, 1), (3, 2)])
+# a stride-3 x 2 layout of 3 phases (two (row, column) phases have no taps), padded (1, 2)
+def test_unpacking_phases_match_the_unpack_phases_formula(rows, groups, tap_block,
+                                                         tiles_per_task, dtype, rng):
+    src, image_stride, offsets, weight, out_shape, phase_taps, phase_pixels = (
+        random_correlation(rng, dtype, rows, groups, 2, phases=3))
+    _, batch, length = out_shape
+    filters, *_ = unpack_crop(rows, groups, length)
+    phase_table = np.array([[0, -1], [1, 2], [-1, -1]], dtype=np.int64)
+    first_rows = np.array([1, 0, 0], dtype=np.int64)
+    # (each phase reads inside its own pixels: up to pixel 10, 15 and 14 of its 16, 24 and 16
+    # float64 pixels)
+    grid_w, pads, dst_shape = 5, (1, 2), (batch, filters, 7, 9)
+    bias = rng.standard_normal(filters).astype(dtype)
+    grid = np.empty(out_shape, dtype)
+    run_correlation(src, image_stride, offsets, phase_taps, weight, grid, phase_pixels,
+                    tap_block, tiles_per_task)
+    expected = np.full(dst_shape, np.nan, dtype)
+    unpack_phases(grid.reshape(-1), phase_table, phase_pixels, first_rows, filters // groups,
+                  rows // groups, grid_w, *pads, bias, expected)
+    dst = np.full(dst_shape, np.nan, dtype)
+    run_correlation(src, image_stride, offsets, phase_taps, weight,
+                    unpacking_slots(rows, groups, tiles_per_task, length, dtype), phase_pixels,
+                    tap_block, tiles_per_task, True, bias, dst, (phase_table, first_rows),
+                    grid_w, pads)
+    assert not np.isnan(expected).any()
+    np.testing.assert_array_equal(dst, expected)
+
+
 def test_unpacking_correlation_refuses_slots_or_outputs_that_do_not_fit(rng):
-    src, image_stride, offsets, weight, (_, batch, length) = random_correlation(
-        rng, np.float32, 8, 1, 2)
+    src, image_stride, offsets, weight, (_, batch, length), phase_taps, phase_pixels = (
+        random_correlation(rng, np.float32, 8, 1, 2))
     bias = np.zeros(8, np.float32)
     threads = numba.get_num_threads()
 
-    def run(slots_shape, dst_shape, first_row=0, tiles_per_task=1):
-        correlate(src, image_stride, offsets, weight, np.empty(slots_shape, np.float32), 8,
-                  tiles_per_task, True, bias, np.empty(dst_shape, np.float32), first_row, 0,
-                  length)
+    def run(slots_shape, dst_shape, tiles_per_task=1, pixels=phase_pixels):
+        run_correlation(src, image_stride, offsets, phase_taps, weight,
+                        np.empty(slots_shape, np.float32), pixels, 8, tiles_per_task, True,
+                        bias, np.empty(dst_shape, np.float32), grid_w=length)
 
     run((threads, 4, length), (batch, 8, 1, length))  # fits
     with pytest.raises(ValueError, match="do not fit"):
         run((threads, 4, length), (batch, 8, 1, length), tiles_per_task=2)  # 8 rows per task
-    with pytest.raises(ValueError, match="do not fit"):
-        run((threads, 4, length), (batch, 8, 1, length), first_row=1)  # past the grid row
+    with pytest.raises(ValueError, match="do not fit"):  # pixels past the scratch rows
+        run((threads, 4, length), (batch, 8, 1, length), pixels=phase_pixels + 16)
     with pytest.raises(ValueError, match="do not fit"):
         run((threads, 4, length), (batch, 9, 1, length))  # more filters than rows
     with pytest.raises(ValueError, match="fewer output slots"):
@@ -129,9 +209,11 @@ def test_unpacking_correlation_refuses_slots_or_outputs_that_do_not_fit(rng):
 @pytest.mark.parametrize("tap_block", [8, 3])  # tap blocks continue the sum from ``out``
 def test_tile_sums_taps_in_order_with_one_fma_each(tap_block, dtype, rng):
     """The tile's documented rounding: out = fma(x_k, w_k, out) for k = 0, 1, ... from zero."""
-    src, image_stride, offsets, weight, out_shape = random_correlation(rng, dtype, 4, 1, 2)
+    src, image_stride, offsets, weight, out_shape, phase_taps, phase_pixels = (
+        random_correlation(rng, dtype, 4, 1, 2))
     out = np.empty(out_shape, dtype=dtype)
-    correlate(src, image_stride, offsets, weight, out, tap_block, 1, *no_unpack(dtype))
+    run_correlation(src, image_stride, offsets, phase_taps, weight, out, phase_pixels,
+                    tap_block, 1)
     expected = np.zeros(out_shape[2], dtype=np.float64)
     for k, offset in enumerate(offsets[0]):
         # an FMA rounds once: exact product + sum, rounded to dtype (float64 products of float32
@@ -145,7 +227,7 @@ def test_tile_sums_taps_in_order_with_one_fma_each(tap_block, dtype, rng):
 
 
 def test_range_check_catches_reads_past_the_input(rng):
-    src, image_stride, offsets, weight, out_shape = random_correlation(
+    src, image_stride, offsets, weight, out_shape, _, _ = random_correlation(
         rng, np.float32, 4, 1, 1)
     _, batch, length = out_shape
     last_start = (batch - 1) * image_stride

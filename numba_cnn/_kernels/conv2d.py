@@ -47,7 +47,7 @@ from numba import get_thread_id, njit, prange
 from numba.core import config
 
 from . import cached_njit
-from .layout import image_in_slot, unblock_run
+from .layout import image_in_slot, unblock_run, unpack_rows
 from .register_tile import ROWS as ROW_TILE
 from .register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS, REDUCE_TAPS,
                             SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS, build_broadcast_runner,
@@ -70,38 +70,21 @@ def _tile_width(row_vectors, tiles, tile):
 
 
 @njit
-def _unpack_rows(out_flat, start, length, first_row, stop_row, rows_per_group, groups, bias,
-                 dst_flat, dst_shape, n, first_pixel, grid_w):
-    """``correlate``'s unpacking of one task: grid rows ``first_row`` to ``stop_row``, held at
-    ``out_flat[start:]`` one after the other (``length`` pixels each), cropped from pixel
-    ``first_pixel`` on into image ``n`` of the NCHW ``dst_flat`` (``dst_shape``), plus bias.
-    The rows past a group's filters are padding and skipped. (Flat unsigned indices, as in
-    ``layout.unpack_phases``: LLVM vectorises the copy.)"""
-    _, filters, height, width = dst_shape
-    filters_per_group = filters // groups
-    for row in range(first_row, stop_row):
-        group = row // rows_per_group
-        filter_index = row - group * rows_per_group
-        if filter_index >= filters_per_group:
-            continue
-        f = group * filters_per_group + filter_index
-        value = bias[f]
-        source = np.uint64(start + (row - first_row) * length + first_pixel)
-        target = np.uint64((n * filters + f) * height * width)
-        for i in range(height):
-            line_source = source + np.uint64(i * grid_w)
-            line_target = target + np.uint64(i * width)
-            for j in range(width):
-                dst_flat[line_target + np.uint64(j)] = out_flat[line_source + np.uint64(j)] + value
-
-
-@njit
 def _check_reads(src, offsets, last_start, length):
     """Under NUMBA_BOUNDSCHECK: fail loudly if a register tile would read outside ``src`` (the
     IR tiles index raw pointers, which Numba's bounds checking does not see). The tiles read
     ``src[start + offsets[k] + p]`` for ``0 <= start <= last_start``, ``p < length``."""
     if offsets.min() < 0 or last_start + offsets.max() + length > src.shape[0]:
         raise IndexError("correlate: a tap reads outside the packed input")
+
+
+@njit
+def _check_phase_reads(src, offsets, phase_taps, phase_pixels, last_start):
+    """``_check_reads`` for each phase of ``correlate``: its taps with its pixels."""
+    for phase in range(phase_taps.shape[0] - 1):
+        _check_reads(src, np.ascontiguousarray(offsets[:, phase_taps[phase]:
+                                                         phase_taps[phase + 1]]),
+                     last_start, phase_pixels[phase + 1] - phase_pixels[phase])
 
 
 def _build_drivers(build):
@@ -113,63 +96,69 @@ def _build_drivers(build):
     the key an edited tile module (or a bounds-checked run) would load stale cached code.
     """
     @cached_njit(parallel=True)
-    def correlate(src, src_image_stride, offsets, weight, out, tap_block, tiles_per_task,
-                  unpack, bias, dst, first_row, first_column, grid_w):
-        """Set ``out`` to the multi-tap correlation; or, with ``unpack``, write its crop plus
-        ``bias`` to ``dst`` from the tasks that compute it (see below).
+    def correlate(src, src_image_stride, offsets, phase_taps, weight, out, phase_pixels,
+                  tap_blocks, tiles_per_task, unpack, bias, dst, phase_table, first_rows,
+                  grid_w, pad_top, pad_left):
+        """Set ``out`` to the multi-tap correlation of one or more phases; or, with ``unpack``,
+        write it to ``dst`` from the tasks that compute it (see below).
 
         src : 1-D, the packed input (see module docstring), with zeros for padding taps.
         src_image_stride : elements between consecutive images in ``src``.
-        offsets : (G, K) int64; weight : (R, K); out : (R, N, L), C-contiguous, overwritten; ``L``
-        a multiple of the vector length (16 float32). All ``L`` positions of every output row
-        are computed, a register tile (``register_tile``) at a time: ROW_TILE rows x up to
-        VECTORS vectors of pixels, reduced over the taps in registers. Groups of fewer rows
-        than ROW_TILE (a single-channel input gradient, a depthwise convolution; padding them
-        to 4 rows would do 4x the work) run one row per task, at a lower FMA rate (a vector
-        load per FMA).
+        offsets : (G, K) int64, phase ``p``'s taps in columns ``phase_taps[p]`` to
+        ``phase_taps[p + 1]``; weight : (R, K), the same columns; out : (R, N, L),
+        C-contiguous, overwritten, each row holding the phases' pixels one after another:
+        phase ``p``'s ``phase_pixels[p + 1] - phase_pixels[p]`` pixels (a multiple of the
+        vector length, 16 float32) from ``phase_pixels[p]`` on, the sums over its taps
+        (``L = phase_pixels[-1]``). All pixels of every output row are computed, a register
+        tile (``register_tile``) at a time: ROW_TILE rows x up to VECTORS vectors of pixels,
+        reduced over the taps in registers. Groups of fewer rows than ROW_TILE (a
+        single-channel input gradient, a depthwise convolution; padding them to 4 rows would do
+        4x the work) run one row per task, at a lower FMA rate (a vector load per FMA).
 
-        A task owns one image and ``tiles_per_task`` row tiles. For each pixel tile it runs the
-        taps in blocks of ``tap_block``, each block through all its row tiles, the later blocks
-        continuing the sums in ``out``: the input a tap block reads for one pixel tile fits L1
-        and is reused by every row tile (all taps at once stream it from L2 once per row tile,
-        too often on strided layers, whose taps read four planes per channel). The taps are
-        still summed in order, so the result does not depend on the blocking.
+        A task owns one image and ``tiles_per_task`` row tiles, all phases. For each pixel tile
+        it runs a phase's taps in blocks of ``tap_blocks[p]``, each block through all its row
+        tiles, the later blocks continuing the sums in ``out``: the input a tap block reads for
+        one pixel tile fits L1 and is reused by every row tile (all taps at once stream it from
+        L2 once per row tile, too often on strided layers, whose taps read four planes per
+        channel). The taps are still summed in order, so the result does not depend on the
+        blocking.
 
-        With ``unpack``, ``dst[n, f, i, j] = out_r[n, (first_row + i) * grid_w + first_column
-        + j] + bias[f]`` for dst (N, F, OH, OW), NCHW, and bias (F,), where row ``r`` of group
-        ``g`` holds filter ``g * F // G + r - g * R // G`` (the rows past a group's filters are
-        padding). ``out`` (S, rows per task, L) is then scratch: each thread (S >= threads)
-        computes a task's rows there and copies them to dst while they are in cache, instead of
-        writing all of ``out`` to memory for a separate unpacking pass to read back (mnist1
-        and z2dl spent 40% of their forward in that pass).
+        With ``unpack``, the task's rows go to ``dst`` (N, F, H, W), NCHW, plus ``bias`` (F,), by
+        ``layout.unpack_plane`` with (phase_table, phase_pixels, first_rows, grid_w, pad_top,
+        pad_left) as in ``layout.unpack_phases``, where row ``r`` of group ``g`` holds output
+        ``g * F // G + r - g * R // G`` (the rows past a group's outputs are padding). ``out``
+        (S, rows per task, L) is then scratch: each thread (S >= threads) computes a task's
+        rows there and writes them out while they are in cache, instead of writing all of the
+        grid to memory for a separate unpacking pass to read back (mnist1 and z2dl spent 40% of
+        their forward in that pass, res56 stride 2 22% of its input gradient).
         """
-        rows, length = weight.shape[0], out.shape[2]
+        rows, row_len = weight.shape[0], out.shape[2]
         batch = dst.shape[0] if unpack else out.shape[1]
         taps = weight.shape[1]
+        phases = phase_taps.shape[0] - 1
         groups = offsets.shape[0]
         rows_per_group = rows // groups
         rows_per_tile = ROW_TILE if rows_per_group % ROW_TILE == 0 else 1
         row_tiles = rows // rows_per_tile
         row_sets = (row_tiles + tiles_per_task - 1) // tiles_per_task
-        if unpack and (out.shape[1] < tiles_per_task * rows_per_tile
-                       or dst.shape[1] % groups != 0
-                       or dst.shape[1] // groups > rows_per_group or bias.shape[0] < dst.shape[1]
-                       or (first_row + dst.shape[2] - 1) * grid_w + first_column + dst.shape[3]
-                       > length):
+        if phase_pixels[phases] != row_len or unpack and (
+                out.shape[1] < tiles_per_task * rows_per_tile or dst.shape[1] % groups != 0
+                or dst.shape[1] // groups > rows_per_group or bias.shape[0] < dst.shape[1]):
             raise ValueError("correlate: dst or the output slots do not fit the sums")
         out_flat = out.reshape(-1)
         dst_flat = dst.reshape(-1)
-        # unpacking: a row's place in the scratch, and of a task's rows in it
-        out_row_stride = length if unpack else batch * length
-        task_len = out.shape[1] * length
+        outputs_per_group = dst.shape[1] // groups
+        # where a row's pixels start: in the grid, (r * N + n) * L; in the scratch, by the row's
+        # place in the task
+        out_row_stride = row_len if unpack else batch * row_len
+        task_len = out.shape[1] * row_len
         slot_overflows = 0  # a reduction: a flag set in the loop would stay private to it
         offsets_flat = offsets.reshape(-1)
         weight_flat = weight.reshape(-1)
         lanes = VECTOR_BYTES // src.itemsize
-        row_vectors = length // lanes
-        tiles = (row_vectors + VECTORS - 1) // VECTORS
         if build[0]:  # NUMBA_BOUNDSCHECK
-            _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
+            _check_phase_reads(src, offsets, phase_taps, phase_pixels,
+                               (batch - 1) * src_image_stride)
         for task in prange(batch * row_sets):
             task_index = np.int64(task)
             n = task_index // row_sets
@@ -184,33 +173,64 @@ def _build_drivers(build):
                     slot_overflows += 1  # raised below: a raise in the loop would make it
                     continue             # serial
                 slot_start = slot * task_len
-            pixel = 0
-            for tile in range(tiles):
-                vectors = _tile_width(row_vectors, tiles, tile)
-                for first_tap in range(0, taps, tap_block):
-                    stop_tap = min(first_tap + tap_block, taps)
-                    for row_tile in range(first_tile, stop_tile):
-                        r0 = row_tile * rows_per_tile
-                        group_taps = (r0 // rows_per_group) * taps
-                        block_offsets = offsets_flat[group_taps + first_tap:
-                                                     group_taps + stop_tap]
-                        if unpack:
-                            out_start = slot_start + (r0 - first_task_row) * length + pixel
-                        else:
-                            out_start = (r0 * batch + n) * length + pixel
-                        if rows_per_tile == ROW_TILE:
-                            run_tile_4_rows(vectors, src, src_start + pixel, block_offsets,
-                                            weight_flat, r0 * taps + first_tap, taps, out_flat,
-                                            out_start, out_row_stride, first_tap)
-                        else:
-                            run_tile_1_row(vectors, src, src_start + pixel, block_offsets,
-                                           weight_flat, r0 * taps + first_tap, taps, out_flat,
-                                           out_start, out_row_stride, first_tap)
-                pixel += vectors * lanes
-            if unpack:
-                _unpack_rows(out_flat, slot_start, length, first_task_row,
-                             stop_tile * rows_per_tile, rows_per_group, groups, bias, dst_flat,
-                             dst.shape, n, first_row * grid_w + first_column, grid_w)
+            for phase in range(phases):
+                first_phase_tap = phase_taps[phase]
+                phase_tap_count = phase_taps[phase + 1] - first_phase_tap
+                tap_block = tap_blocks[phase]
+                row_vectors = (phase_pixels[phase + 1] - phase_pixels[phase]) // lanes
+                tiles = (row_vectors + VECTORS - 1) // VECTORS
+                pixel = phase_pixels[phase]
+                for tile in range(tiles):
+                    vectors = _tile_width(row_vectors, tiles, tile)
+                    for first_tap in range(0, phase_tap_count, tap_block):
+                        stop_tap = min(first_tap + tap_block, phase_tap_count)
+                        for row_tile in range(first_tile, stop_tile):
+                            r0 = row_tile * rows_per_tile
+                            block_taps = (r0 // rows_per_group) * taps + first_phase_tap
+                            block_offsets = offsets_flat[block_taps + first_tap:
+                                                         block_taps + stop_tap]
+                            if unpack:
+                                out_start = slot_start + (r0 - first_task_row) * row_len + pixel
+                            else:
+                                out_start = (r0 * batch + n) * row_len + pixel
+                            weight_start = r0 * taps + first_phase_tap + first_tap
+                            if rows_per_tile == ROW_TILE:
+                                run_tile_4_rows(vectors, src, src_start + pixel - phase_pixels[
+                                                    phase], block_offsets, weight_flat,
+                                                weight_start, taps, out_flat, out_start,
+                                                out_row_stride, first_tap)
+                            else:
+                                run_tile_1_row(vectors, src, src_start + pixel - phase_pixels[
+                                                   phase], block_offsets, weight_flat,
+                                               weight_start, taps, out_flat, out_start,
+                                               out_row_stride, first_tap)
+                    pixel += vectors * lanes
+            if unpack and phase_table.size > 1:
+                unpack_rows(out_flat, slot_start, row_len, first_task_row,
+                            stop_tile * rows_per_tile, rows_per_group, groups, phase_table,
+                            phase_pixels, first_rows, grid_w, pad_top, pad_left, bias,
+                            dst_flat, dst.shape, n)
+            elif unpack:
+                # Stride 1: a crop of the one phase, copied here. (Through unpack_rows, the same copy made
+                # mnist1's forward 5% slower: a call per task, passing 6 arrays.)
+                height, width = dst.shape[2], dst.shape[3]
+                crop_start = (pad_top - first_rows[0]) * grid_w + pad_left
+                for row in range(first_task_row, stop_tile * rows_per_tile):
+                    group = row // rows_per_group
+                    output = row - group * rows_per_group
+                    if output >= outputs_per_group:
+                        continue
+                    output += group * outputs_per_group
+                    value = bias[output]
+                    source = np.uint64(slot_start + (row - first_task_row) * row_len
+                                       + crop_start)
+                    target = np.uint64((n * dst.shape[1] + output) * height * width)
+                    for i in range(height):
+                        line_source = source + np.uint64(i * grid_w)
+                        line_target = target + np.uint64(i * width)
+                        for j in range(width):
+                            dst_flat[line_target + np.uint64(j)] = (
+                                out_flat[line_source + np.uint64(j)] + value)
         # (checked after the fact: numba.get_num_threads() would make the kernel uncacheable)
         if slot_overflows > 0:
             raise ValueError("correlate: fewer output slots than threads")

@@ -85,18 +85,86 @@ def pack_phases(src, dst, grid_rows, plane_strides, rows_per_group, rows_per_gro
                     dst_flat[np.uint64(plane_start + pixel)] = zero
 
 
+@njit
+def unpack_plane(grids, row_start, phase_table, phase_pixels, first_rows, grid_w, pad_top,
+                 pad_left, row_bias, dst_flat, plane_start, height, width):
+    """Write the (height, width) plane of the flat ``dst_flat`` from ``plane_start`` on from
+    one output row of the stride phases' grids, its phase ``p`` at ``grids[row_start +
+    phase_pixels[p]:]``: ``unpack_phases`` for one (image, row), also called by ``correlate``'s
+    tasks on their rows."""
+    stride_h, stride_w = phase_table.shape
+    for a in range(stride_h):
+        # the rows ih = i * sh + a - pad_top inside [0, height): first i, and count
+        i0 = (pad_top - a + stride_h - 1) // stride_h
+        ih0 = i0 * stride_h + a - pad_top
+        row_count = max(0, (height - ih0 + stride_h - 1) // stride_h)
+        for b in range(stride_w):
+            j0 = (pad_left - b + stride_w - 1) // stride_w
+            iw0 = j0 * stride_w + b - pad_left
+            col_count = max(0, (width - iw0 + stride_w - 1) // stride_w)
+            phase = phase_table[a, b]
+            first_target = plane_start + ih0 * width + iw0
+            # one loop per case, the case decided outside it: a branch inside the row loop
+            # kept LLVM from vectorising the unit-stride copy (correlate's crops 4-8% slower)
+            if phase < 0:
+                for i in range(row_count):
+                    dst_start = np.uint64(first_target + i * stride_h * width)
+                    for j in range(col_count):
+                        dst_flat[dst_start + np.uint64(j * stride_w)] = row_bias
+                continue
+            grid_start = row_start + phase_pixels[phase] + (i0 - first_rows[phase]) * grid_w + j0
+            if stride_w == 1:
+                for i in range(row_count):
+                    dst_start = np.uint64(first_target + i * stride_h * width)
+                    source = np.uint64(grid_start + i * grid_w)
+                    for j in range(col_count):
+                        column = np.uint64(j)
+                        dst_flat[dst_start + column] = grids[source + column] + row_bias
+            else:
+                for i in range(row_count):
+                    dst_start = np.uint64(first_target + i * stride_h * width)
+                    source = np.uint64(grid_start + i * grid_w)
+                    for j in range(col_count):
+                        dst_flat[dst_start + np.uint64(j * stride_w)] = (
+                            grids[source + np.uint64(j)] + row_bias)
+
+
+@njit
+def unpack_rows(grids, first_row_start, row_stride, first_row, stop_row, rows_per_group,
+                groups, phase_table, phase_pixels, first_rows, grid_w, pad_top, pad_left, bias,
+                dst_flat, dst_shape, n):
+    """``unpack_plane`` for output rows ``first_row`` to ``stop_row`` of image ``n``, held from
+    ``first_row_start`` on, ``row_stride`` apart, into the flat NCHW ``dst_flat``
+    (``dst_shape``): row ``r`` of group ``g`` holds output ``g * F // groups + r - g *
+    rows_per_group``, and the rows past a group's outputs (padding) are skipped.
+    ``correlate``'s tasks call it once for their rows, where there are several phases."""
+    _, outputs, height, width = dst_shape
+    outputs_per_group = outputs // groups
+    for row in range(first_row, stop_row):
+        group = row // rows_per_group
+        output = row - group * rows_per_group
+        if output >= outputs_per_group:
+            continue
+        output += group * outputs_per_group
+        unpack_plane(grids, first_row_start + (row - first_row) * row_stride, phase_table,
+                     phase_pixels, first_rows, grid_w, pad_top, pad_left, bias[output],
+                     dst_flat, (n * outputs + output) * height * width, height, width)
+
+
 @cached_njit(parallel=True)
-def unpack_phases(grids, phase_table, phase_starts, phase_lengths, first_rows, rows_per_group,
+def unpack_phases(grids, phase_table, phase_pixels, first_rows, rows_per_group,
                   rows_per_group_padded, grid_w, pad_top, pad_left, bias, dst):
     """Write every position of ``dst`` (N, rows, H, W) from the stride phases' output grids.
 
-    With ``(sh, sw) = phase_table.shape``, position ``(ih, iw)`` with ``ih + pad_top = i * sh + a``
-    and ``iw + pad_left = j * sw + b`` belongs to phase ``p = phase_table[a, b]``:
-    ``dst[n, row, ih, iw] = grid_p[grid_row, n, (i - first_rows[p]) * grid_w + j] + bias[row]``,
-    where ``grid_p`` is the (rows_padded, N, phase_lengths[p]) array at ``phase_starts[p]`` of
-    the flat ``grids``; a phase without taps (``p == -1``) contributes zero, i.e. ``bias``.
-    Source row ``g * rows_per_group + r`` is grid row ``g * rows_per_group_padded + r``. With one
-    phase and no padding this is a plain crop of the grid to ``dst``'s shape.
+    ``grids`` is the flat (rows_padded, N, L) output of ``correlate``, each of its rows holding
+    the phases one after another: phase ``p``'s grid pixels from ``phase_pixels[p]`` on (``L =
+    phase_pixels[-1]``). With ``(sh, sw) = phase_table.shape``, position ``(ih, iw)`` with
+    ``ih + pad_top = i * sh + a`` and ``iw + pad_left = j * sw + b`` belongs to phase ``p =
+    phase_table[a, b]``: ``dst[n, row, ih, iw] = grids[grid_row, n, phase_pixels[p] + (i -
+    first_rows[p]) * grid_w + j] + bias[row]``; a phase without taps (``p == -1``) contributes
+    zero, i.e. ``bias``. Source row ``g * rows_per_group + r`` is grid row ``g *
+    rows_per_group_padded + r``. With one phase and no padding this is a plain crop of the grid
+    to ``dst``'s shape.
 
     A task writes one (n, row) plane of ``dst``, all its phases, so each cache line of ``dst``
     is written while in cache (one pass per phase wrote every line of a stride-2 output
@@ -105,7 +173,7 @@ def unpack_phases(grids, phase_table, phase_starts, phase_lengths, first_rows, r
     strided one lean (per-task views and while loops made this copy run at ~2 GB/s).
     """
     batch, rows, height, width = dst.shape
-    stride_h, stride_w = phase_table.shape
+    row_len = phase_pixels[phase_pixels.shape[0] - 1]
     dst_flat = dst.reshape(-1)
     for task in prange(batch * rows):
         task_index = np.int64(task)
@@ -113,44 +181,19 @@ def unpack_phases(grids, phase_table, phase_starts, phase_lengths, first_rows, r
         row = task_index - n * rows
         group = row // rows_per_group
         grid_row = group * rows_per_group_padded + row - group * rows_per_group
-        row_bias = bias[row]
-        plane_start = (n * rows + row) * height * width
-        for a in range(stride_h):
-            # the rows ih = i * sh + a - pad_top inside [0, height): first i, and count
-            i0 = (pad_top - a + stride_h - 1) // stride_h
-            ih0 = i0 * stride_h + a - pad_top
-            row_count = max(0, (height - ih0 + stride_h - 1) // stride_h)
-            for b in range(stride_w):
-                j0 = (pad_left - b + stride_w - 1) // stride_w
-                iw0 = j0 * stride_w + b - pad_left
-                col_count = max(0, (width - iw0 + stride_w - 1) // stride_w)
-                phase = phase_table[a, b]
-                grid_start = 0
-                if phase >= 0:
-                    grid_start = (phase_starts[phase] + (grid_row * batch + n)
-                                  * phase_lengths[phase] + (i0 - first_rows[phase]) * grid_w + j0)
-                for i in range(row_count):
-                    dst_start = np.uint64(plane_start + (ih0 + i * stride_h) * width + iw0)
-                    source = np.uint64(grid_start + i * grid_w)
-                    if phase < 0:
-                        for j in range(col_count):
-                            dst_flat[dst_start + np.uint64(j * stride_w)] = row_bias
-                    elif stride_w == 1:
-                        for j in range(col_count):
-                            column = np.uint64(j)
-                            dst_flat[dst_start + column] = grids[source + column] + row_bias
-                    else:
-                        for j in range(col_count):
-                            dst_flat[dst_start + np.uint64(j * stride_w)] = (
-                                grids[source + np.uint64(j)] + row_bias)
+        unpack_plane(grids, (grid_row * batch + n) * row_len, phase_table, phase_pixels,
+                     first_rows, grid_w, pad_top, pad_left, bias[row], dst_flat,
+                     (n * rows + row) * height * width, height, width)
 
 
 @cached_njit(parallel=True)
-def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix):
-    """Fill ``matrix`` (groups * rows_padded, columns) with one stride phase's weights of an
-    input gradient: row ``g * rows_padded + c``, column ``(f * len(taps_h) + i) * len(taps_w)
-    + j`` holds ``weight[g * Fg + f, c, taps_h[i], taps_w[j]]``; padding rows and columns are
-    zero. weight : (F, Cg, KH, KW), C-contiguous.
+def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix, first_column,
+                         phase_columns):
+    """Fill columns ``first_column`` to ``first_column + phase_columns`` of ``matrix``
+    (groups * rows_padded, columns) with one stride phase's weights of an input gradient: row
+    ``g * rows_padded + c``, column ``first_column + (f * len(taps_h) + i) * len(taps_w) + j``
+    holds ``weight[g * Fg + f, c, taps_h[i], taps_w[j]]``; padding rows and columns are zero.
+    weight : (F, Cg, KH, KW), C-contiguous.
 
     NumPy's copy of the equivalent transposed, sliced view iterates over the (at most KW-long)
     last axis: 0.14 ms per phase of the dcgan layer, 0.5 ms for res14's weight. A task fills a
@@ -185,13 +228,15 @@ def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix):
             filter_start = (group * filters_per_group + f) * channels_per_group
             for channel in range(first, stop_valid):
                 source = np.uint64((filter_start + channel) * kernel_size)
-                target = np.uint64((group * rows_padded + channel) * columns + f * taps)
+                target = np.uint64((group * rows_padded + channel) * columns + first_column
+                                   + f * taps)
                 for tap in range(taps):
                     matrix_flat[target + np.uint64(tap)] = weight_flat[
                         source + np.uint64(tap_offsets[tap])]
         for channel in range(first, stop):
             row = group * rows_padded + channel
-            for column in range(used_columns if channel < channels_per_group else 0, columns):
+            for column in range(first_column + (used_columns if channel < channels_per_group
+                                                else 0), first_column + phase_columns):
                 matrix[row, column] = zero
 
 
