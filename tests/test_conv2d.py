@@ -636,6 +636,26 @@ def test_conv2d_backward_bad_input(args, kwargs, exc, match):
         F.conv2d_backward(*args, **kwargs)
 
 
+@pytest.mark.parametrize("name, valid, lookalike", [
+    ("stride", 1, True), ("stride", 1, 1.0), ("padding", 1, 1.0), ("padding", (1, 1), (1.0, 1)),
+    ("dilation", (1, 1), (True, 1)), ("groups", 2, 2.0), ("stride", 2, np.float64(2.0))])
+def test_validation_cache_refuses_values_equal_to_a_cached_one(name, valid, lookalike):
+    # geometries are cached by their arguments: 1.0 == True == 1 with one hash, but only the
+    # int is valid, so a call with the int must not let the others through
+    w = W_G2 if name == "groups" else W
+    F.conv2d(X, w, **{name: valid})
+    with pytest.raises(TypeError, match=name):
+        F.conv2d(X, w, **{name: lookalike})
+
+
+def test_validation_cache_returns_the_geometry_it_would_compute():
+    arguments = ((2, 4, 9, 8), (6, 2, 3, 2), (2, 1), 1, (1, 2), 2, "conv2d")
+    fresh = _args.conv2d_geometry.__wrapped__(*arguments)
+    assert _args.conv2d_geometry(*arguments) == fresh
+    assert _args.conv2d_geometry(*arguments) is _args.conv2d_geometry(*arguments)  # cached
+    assert _args.conv2d_geometry(*arguments[:2], [2, 1], *arguments[3:]) == fresh  # not cached
+
+
 def test_bad_input_fixtures_are_otherwise_valid():
     # Guard against the bad-input table passing for the wrong reason.
     assert F.conv2d(X, W, B).shape == (2, 6, 4, 4)
