@@ -99,12 +99,21 @@ class Grid:
 
     def __init__(self, rows, phases, batch, image_len, read_span, dtype):
         planes = rows * phases * image_len
-        self.image_stride = round_up(planes + read_span + 64, 16)
+        self.image_stride = Grid.image_stride_of(rows, phases, image_len, read_span)
         self.zero_offset = planes
         self.data = aligned_empty((batch * self.image_stride,), dtype)
         self.data.reshape(batch, self.image_stride)[:, planes:] = 0
         self.plane_strides = (phases * image_len, image_len, self.image_stride)
         self.rows = rows
+
+    @staticmethod
+    def image_stride_of(rows, phases, image_len, read_span):
+        """Elements per image of a grid of ``rows`` x ``phases`` planes."""
+        return round_up(rows * phases * image_len + read_span + 64, 16)
+
+    def images(self, first, stop):
+        """A view of images ``first`` to ``stop`` of ``data`` (with their tails)."""
+        return self.data[first * self.image_stride:stop * self.image_stride]
 
 
 def pack_grid(src, rows_per_group, rows_per_group_padded, groups, pad, stride, grid_shape,
@@ -117,6 +126,32 @@ def pack_grid(src, rows_per_group, rows_per_group_padded, groups, pad, stride, g
                 rows_per_group_padded, pad[0], pad[1], stride[0], stride[1], grid_h, grid_w,
                 image_len)
     return grid
+
+
+def phase_crops(phase_table, phase_pixels, first_rows, grid_w, pads, shape):
+    """``correlate``'s ``crops``: (K, 7) int64 rows (target, lines, columns, source, target
+    line step, target column step, source line step), one per stride phase with positions in
+    a (height, width) = ``shape`` plane, that write what ``layout.unpack_phases`` writes from
+    an output row of the phases' grids (source -1: a phase without taps, the bias alone)."""
+    (stride_h, stride_w), (pad_top, pad_left), (height, width) = phase_table.shape, pads, shape
+    crops = []
+    for a in range(stride_h):
+        # the rows ih = i * sh + a - pad_top inside [0, height): first i, and count
+        i0 = -(-(pad_top - a) // stride_h)
+        ih0 = i0 * stride_h + a - pad_top
+        lines = max(0, -(-(height - ih0) // stride_h))
+        for b in range(stride_w):
+            j0 = -(-(pad_left - b) // stride_w)
+            iw0 = j0 * stride_w + b - pad_left
+            columns = max(0, -(-(width - iw0) // stride_w))
+            phase = phase_table[a, b]
+            source = -1
+            if phase >= 0:
+                source = phase_pixels[phase] + (i0 - first_rows[phase]) * grid_w + j0
+            if lines and columns:
+                crops.append((ih0 * width + iw0, lines, columns, source, stride_h * width,
+                              stride_w, grid_w))
+    return np.array(crops, dtype=np.int64).reshape(-1, 7)
 
 
 def pad_offsets(offsets, zero_offset):
@@ -160,6 +195,8 @@ class ForwardPlan:
         self.phase_table = np.zeros((1, 1), dtype=np.int64)
         self.phase_pixels = np.array([0, self.out_len], dtype=np.int64)
         self.first_rows = np.zeros(1, dtype=np.int64)
+        self.crops = phase_crops(self.phase_table, self.phase_pixels, self.first_rows,
+                                 self.grid_w, (0, 0), (g.out_height, g.out_width))
         kh = np.arange(kh_count)[:, None]
         kw = np.arange(kw_count)[None, :]
         phase = ((kh * dh) % sh) * sw + (kw * dw) % sw
@@ -195,10 +232,21 @@ class ForwardPlan:
         return ForwardPlan(geometry)
 
     def pack_input(self, x):
-        """The input grid that ``offsets`` and ``reduce_offsets`` read."""
+        """The input grid that ``offsets`` and ``reduce_offsets`` read, of x or of a part of
+        its batch."""
         g = self.geometry
         return pack_grid(x, g.in_channels, g.in_channels, 1, (g.pad[0], g.pad[2]), g.stride,
                          (self.grid_h, self.grid_w), self.image_len, self.read_span)
+
+    def packed_image_bytes(self, itemsize, input_grid):
+        """Bytes per image that the weight gradient packs: the output gradient's grid, and the
+        input grid if ``input_grid``."""
+        g = self.geometry
+        grad_bytes = g.groups * self.filters_padded * self.out_len * itemsize
+        if not input_grid:
+            return grad_bytes
+        return grad_bytes + itemsize * Grid.image_stride_of(
+            g.in_channels, g.stride[0] * g.stride[1], self.image_len, self.read_span)
 
     def weight_matrix(self, weight):
         """The (G * filters_padded, Kp) weight matrix of ``weight`` matching ``offsets``."""
@@ -212,14 +260,18 @@ class ForwardPlan:
             g.groups, self.filters_per_group, taps)
         return matrix.reshape(g.groups * self.filters_padded, columns)
 
-    def pack_grad_output(self, grad_out):
+    def pack_grad_output(self, grad_out, room=None):
         """grad_out (N, F, OH, OW) -> (G * filters_padded, N, out_len), laid out as the forward's
         output grid (the positions the weight-gradient reduction pairs with the input grid),
-        zero off the outputs."""
+        zero off the outputs; N may be a part of the batch. In ``room`` (flat, aligned) if
+        given: a part after another reuses it (a new array per part page-faulted it in again,
+        which on the project's VM cost up to 20 us per page)."""
         g = self.geometry
-        rows = g.groups * self.filters_padded
-        grid = aligned_empty((rows, g.batch, self.out_len), grad_out.dtype)
-        pack_phases(grad_out, grid.reshape(-1), rows, (g.batch * self.out_len, 0, self.out_len),
+        rows, batch = g.groups * self.filters_padded, grad_out.shape[0]
+        shape = (rows, batch, self.out_len)
+        grid = (aligned_empty(shape, grad_out.dtype) if room is None
+                else room[:rows * batch * self.out_len].reshape(shape))
+        pack_phases(grad_out, grid.reshape(-1), rows, (batch * self.out_len, 0, self.out_len),
                     self.filters_per_group, self.filters_padded, 0, 0, 1, 1, g.out_height,
                     self.grid_w, self.out_len)
         return grid
@@ -273,6 +325,8 @@ class InputGradPlan:
         self.phase_taps = np.cumsum([0] + [phase[6].shape[1] for phase in self.phases]).astype(
             np.int64)
         self.block_shapes = [phase[7] for phase in self.phases]
+        self.crops = phase_crops(self.phase_table, self.phase_pixels, self.first_rows,
+                                 self.grid_w, (g.pad[0], g.pad[2]), (g.height, g.width))
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
@@ -316,10 +370,28 @@ class InputGradPlan:
         return phases
 
     def pack_grad_output(self, grad_out):
+        """The output gradient's grid, of all of it or of a part of its batch."""
         g = self.geometry
         return pack_grid(grad_out, g.out_channels, g.out_channels, 1,
                          (self.margin_h, self.margin_w), (1, 1), (self.grid_h, self.grid_w),
                          self.image_len, self.read_span)
+
+    def grid_image_stride(self):
+        """Elements per image of ``pack_grad_output``'s grid."""
+        return Grid.image_stride_of(self.geometry.out_channels, 1, self.image_len,
+                                    self.read_span)
+
+    def grid_slots(self, threads, dtype):
+        """Room for one image of ``pack_grad_output``'s grid per thread, the tails zero: slots
+        for ``correlate``'s per-thread packing."""
+        return Grid(self.geometry.out_channels, 1, threads, self.image_len, self.read_span,
+                    dtype)
+
+    @property
+    def packing(self):
+        """``correlate``'s ``packing``: ``pack_grad_output``'s, one image at a time."""
+        return (self.geometry.out_channels, self.margin_h, self.margin_w, self.grid_h,
+                self.grid_w, self.image_len)
 
     def weight_matrix(self, weight):
         """The (G * channels_padded, K) matrix of all phases: rows are input channels, columns

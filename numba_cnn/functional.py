@@ -67,14 +67,13 @@ def _rows_per_tile(rows_per_group):
     return ROW_TILE if rows_per_group % ROW_TILE == 0 else 1
 
 
-def _blocking(block_shape, grid, offsets, matrix, batch, out_len):
-    """``correlate``'s (tap_block, tiles_per_task) for ``matrix`` on ``grid`` into ``batch``
-    images of ``out_len`` pixels."""
+def _blocking(block_shape, image_stride, offsets, matrix, batch, out_len):
+    """``correlate``'s (tap_block, tiles_per_task) for ``matrix`` on a grid of images
+    ``image_stride`` elements apart into ``batch`` images of ``out_len`` pixels."""
     rows, taps = matrix.shape
     row_tiles = rows // _rows_per_tile(rows // offsets.shape[0])
-    return correlation_blocking(block_shape, taps, grid.image_stride * grid.data.itemsize,
-                                out_len, row_tiles, batch, grid.data.itemsize,
-                                numba.get_num_threads)
+    return correlation_blocking(block_shape, taps, image_stride * matrix.itemsize, out_len,
+                                row_tiles, batch, matrix.itemsize, numba.get_num_threads)
 
 
 def _grid_output_slots(rows_per_group, tiles_per_task, out_rows, out_len, dtype):
@@ -103,43 +102,53 @@ def _conv2d_forward(x, weight, bias, geometry, grid=None):
     grid = plan.pack_input(x) if grid is None else grid
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     y = np.empty(geometry.output_shape, dtype=x.dtype)
-    _correlate_grid_into(grid, plan.offsets, plan.phase_taps, plan.weight_matrix(weight),
-                         plan.phase_pixels, [plan.block_shape], plan.phase_table,
-                         plan.first_rows, plan.grid_w, (0, 0),
-                         _bias_values(bias, geometry.out_channels, x.dtype), y)
+    _correlate_grid_into(grid, None, plan, plan.weight_matrix(weight), [plan.block_shape],
+                         (0, 0), _bias_values(bias, geometry.out_channels, x.dtype), y)
     return y
 
 
-def _correlate_grid_into(grid, offsets, phase_taps, matrix, phase_pixels, block_shapes,
-                         phase_table, first_rows, grid_w, pads, bias, dst):
-    """Run ``correlate`` on ``grid`` for all of ``dst`` (N, F, H, W), its sums unpacked as by
-    ``unpack_phases`` (with ``phase_table``, ``first_rows``, ``grid_w`` and ``pads`` = (top,
-    left)) plus ``bias``: by its own tasks from output slots, or, where a task per thread would
-    take more memory than the whole output grid (fewer tasks than threads), through the grid
-    and ``unpack_phases``. ``block_shapes``: each phase's ``correlation_blocking`` description
-    of its taps."""
+def _correlate_grid_into(grid, src, plan, matrix, block_shapes, pads, bias, dst):
+    """Run ``correlate`` with ``plan``'s offsets and phases (a ``ForwardPlan`` or an
+    ``InputGradPlan``) for all of ``dst`` (N, F, H, W), its sums unpacked as by
+    ``unpack_phases`` (``pads`` = (top, left)) plus ``bias``: by its own tasks from output slots,
+    or, where a task per thread would take more memory than the whole output grid (fewer tasks
+    than threads), through the grid and ``unpack_phases``. It reads ``grid``, packed; or, if
+    that is None, ``src`` as the plan's ``pack_grad_output`` packs it, which the tasks pack
+    image by image into a slot of their thread (with output slots). ``block_shapes``: each
+    phase's ``correlation_blocking`` description of its taps."""
     batch, outputs = dst.shape[:2]
     rows = matrix.shape[0]
-    groups = offsets.shape[0]
+    groups = plan.offsets.shape[0]
     rows_per_group = rows // groups
-    starts = phase_pixels.tolist()  # (Python ints: NumPy scalars cost microseconds here)
-    blockings = [_blocking(block_shape, grid, offsets, matrix, batch, stop - start)
+    image_stride = plan.grid_image_stride() if grid is None else grid.image_stride
+    starts = plan.phase_pixels.tolist()  # (Python ints: NumPy scalars cost microseconds here)
+    blockings = [_blocking(block_shape, image_stride, plan.offsets, matrix, batch, stop - start)
                  for block_shape, start, stop in zip(block_shapes, starts, starts[1:])]
     tap_blocks = np.array([tap_block for tap_block, _ in blockings], dtype=np.int64)
     tiles_per_task = min(tiles for _, tiles in blockings)
     row_len = starts[-1]
+    arguments = (plan.offsets, plan.phase_taps, matrix)
+    unpacking = (plan.phase_pixels, tap_blocks, tiles_per_task)
     slots = _grid_output_slots(rows_per_group, tiles_per_task, rows * batch, row_len, dst.dtype)
+    if slots is not None and grid is None:  # packed by the tasks
+        threads = slots.shape[0]
+        room = plan.grid_slots(threads, dst.dtype)
+        correlate(room.data, room.image_stride, *arguments, slots, *unpacking, True, bias, dst,
+                  plan.crops, src, np.full(threads + 1, -1, dtype=np.int64), plan.packing)
+        return
+    grid = plan.pack_grad_output(src) if grid is None else grid
+    assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
+    no_packing = (_NO_DST[dst.dtype.type], _NOT_PACKED, _NO_PACKING)
     if slots is not None:
-        correlate(grid.data, grid.image_stride, offsets, phase_taps, matrix, slots,
-                  phase_pixels, tap_blocks, tiles_per_task, True, bias, dst, phase_table,
-                  first_rows, grid_w, *pads)
+        correlate(grid.data, grid.image_stride, *arguments, slots, *unpacking, True, bias, dst,
+                  plan.crops, *no_packing)
         return
     out_grid = aligned_empty((rows, batch, row_len), dst.dtype)
-    correlate(grid.data, grid.image_stride, offsets, phase_taps, matrix, out_grid, phase_pixels,
-              tap_blocks, tiles_per_task, False, bias, _NO_DST[dst.dtype.type], phase_table,
-              first_rows, grid_w, *pads)
-    unpack_phases(out_grid.reshape(-1), phase_table, phase_pixels, first_rows, outputs // groups,
-                  rows_per_group, grid_w, *pads, bias, dst)
+    correlate(grid.data, grid.image_stride, *arguments, out_grid, *unpacking, False, bias,
+              _NO_DST[dst.dtype.type], plan.crops, *no_packing)
+    del grid  # (if the caller does not hold it)
+    unpack_phases(out_grid.reshape(-1), plan.phase_table, plan.phase_pixels, plan.first_rows,
+                  outputs // groups, rows_per_group, plan.grid_w, *pads, bias, dst)
 
 
 def _blocked_forward(x, weight, bias, geometry):
@@ -266,6 +275,9 @@ def _writes_all(phase, geometry):
 
 # blocked_correlate's dst when it does not unblock
 _NO_DST = {dtype: np.empty((0, 0, 0, 0), dtype) for dtype in (np.float32, np.float64)}
+# correlate's slot_images and packing where it reads a packed grid
+_NOT_PACKED = np.empty(0, dtype=np.int64)
+_NO_PACKING = (0,) * 6
 
 
 def _bias_filled(shape, bias_values, complete):
@@ -299,16 +311,32 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
     if blocked_input_gradient(geometry, grad_out.dtype.itemsize):
         return _blocked_input_gradient(grad_out, weight, bias, geometry)
     plan = InputGradPlan.for_geometry(geometry)
-    grid = plan.pack_grad_output(grad_out)
-    assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     # every position of grad_x is written (the bias alone where a phase has no taps)
     grad_x = np.empty(geometry.input_shape, dtype=grad_out.dtype)
-    _correlate_grid_into(grid, plan.offsets, plan.phase_taps, plan.weight_matrix(weight),
-                         plan.phase_pixels, plan.block_shapes, plan.phase_table,
-                         plan.first_rows, plan.grid_w,
+    _correlate_grid_into(None, grad_out, plan, plan.weight_matrix(weight), plan.block_shapes,
                          (geometry.pad[0], geometry.pad[2]),
                          _bias_values(bias, geometry.in_channels, grad_out.dtype), grad_x)
     return grad_x
+
+
+# The grid weight gradient packs copies of x and of its output gradient (with spare columns).
+# Where copies of the whole batch would be more than GRID_COPY_SHARE of the bytes of a forward +
+# backward's arrays (x, y, W and their gradients: twice the pass's inputs and output), it packs
+# and reduces the batch in as few parts as keep each part's copies within that: on layers with
+# few input channels, small inputs against their output gradient, the copies were the
+# backward's memory peak (mnist1 1.62x, z2dl 1.77x, stem7 1.54x of the arrays, against the
+# 1.25x of issue 7). A part costs kernel launches (20-50 us each, waking the threads), so no
+# more parts than that, and x is packed whole where its grid takes at most half of the
+# allowance (few channels), leaving two launches per part.
+GRID_COPY_SHARE = 0.2
+
+
+def _batch_parts(batch, packed_image_bytes, allowance):
+    """[(first, stop)] image ranges covering the batch, as few as keep the packed copies of a
+    range (``packed_image_bytes`` per image) within ``allowance`` bytes."""
+    parts = -(-batch * packed_image_bytes // max(1, int(allowance)))
+    images = -(-batch // max(1, parts))
+    return [(first, min(first + images, batch)) for first in range(0, batch, images)]
 
 
 @_threads_by_geometry
@@ -319,12 +347,8 @@ def _conv2d_grad_weight(grad_out, x, geometry, grid=None):
     if blocked_weight_gradient(geometry, x.dtype.itemsize):
         return _channel_blocked_grad_weight(grad_out, x, geometry)
     plan = ForwardPlan.for_geometry(geometry)
-    grid = plan.pack_input(x) if grid is None else grid
-    assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     offsets = plan.reduce_offsets
-    grad_grid = plan.pack_grad_output(grad_out)
-    rows, taps = grad_grid.shape[0], offsets.shape[1]
-    grad_matrix = np.empty((rows, taps), dtype=grad_out.dtype)
+    rows, taps = geometry.groups * plan.filters_padded, offsets.shape[1]
     row_tiles = rows // ROW_TILE
     # Few taps per input plane (strided or small kernels) mean few FMAs per input byte
     # streamed: then a task takes several row tiles, which reuse each input block from cache.
@@ -340,8 +364,33 @@ def _conv2d_grad_weight(grad_out, x, geometry, grid=None):
     # and dcgan's 4x4 stride 2 (4 taps per input plane), 1024 on 3x3 stride-2 layers (2.25):
     # same-process A/B, res28 s2 and res56 s2 3-5% faster, res14 and res28 4-6% slower.
     pixel_block = 1024 if taps_per_plane < 3 else 2048
-    correlate_grad_weight(grid.data, grid.image_stride, offsets, plan.reduce_columns, grad_grid,
-                          grad_matrix, pixel_block, tiles_per_task, tap_splits)
+    weight_bytes = x.dtype.itemsize * int(np.prod(geometry.weight_shape))
+    allowance = GRID_COPY_SHARE * 2 * (grad_out.nbytes + x.nbytes + weight_bytes)
+    if grid is None:
+        input_bytes = geometry.batch * (plan.packed_image_bytes(x.dtype.itemsize, True)
+                                        - plan.packed_image_bytes(x.dtype.itemsize, False))
+        if input_bytes <= allowance / 2:
+            grid = plan.pack_input(x)
+            allowance -= input_bytes
+    parts = _batch_parts(geometry.batch, plan.packed_image_bytes(x.dtype.itemsize, grid is None),
+                         allowance)
+    grad_matrix = np.empty((rows, taps), dtype=grad_out.dtype)
+    part_matrix = room = None
+    if len(parts) > 1:
+        part_matrix = np.empty_like(grad_matrix)
+        room = aligned_empty((rows * (parts[0][1] - parts[0][0]) * plan.out_len,),
+                             grad_out.dtype)
+    for first, stop in parts:
+        part_grid = plan.pack_input(x[first:stop]) if grid is None else grid
+        assert part_grid.zero_offset == plan.zero_offset  # the padding taps read zeros
+        src = part_grid.data if grid is None else grid.images(first, stop)
+        target = grad_matrix if first == 0 else part_matrix
+        correlate_grad_weight(src, part_grid.image_stride, offsets, plan.reduce_columns,
+                              plan.pack_grad_output(grad_out[first:stop], room), target,
+                              pixel_block, tiles_per_task, tap_splits)
+        del part_grid, src  # before the next part's
+        if first > 0:
+            grad_matrix += part_matrix  # the parts' sums, in order
     per_group = grad_matrix.reshape(geometry.groups, plan.filters_padded, taps)
     kernel_taps = plan.channels_per_group * geometry.kernel[0] * geometry.kernel[1]
     grad_weight = per_group[:, :plan.filters_per_group, :kernel_taps]

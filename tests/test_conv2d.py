@@ -543,6 +543,31 @@ def test_strided_blocked_input_gradient_holds_one_phase_where_grad_x_is_large(
     if grad_x.nbytes > w.nbytes:
         assert peak - grad_x.nbytes < 0.75 * grad_x.nbytes, (peak, grad_x.nbytes)
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_backward_of_few_input_channels_holds_no_whole_copy_of_grad_out(stride, rng):
+    # One input channel, 16 filters: x is small against grad_out, and the grid passes' packed
+    # copies of grad_out (with margins or spare columns) would dominate a whole-batch peak. The
+    # input gradient packs per thread and the weight gradient in parts of the batch.
+    x = rng.standard_normal((24, 1, 20, 20)).astype(np.float32)
+    w = rng.standard_normal((16, 1, 3, 3)).astype(np.float32)
+    geometry = _args.conv2d_geometry(x.shape, w.shape, stride, 1, 1, 1, "test")
+    assert not (_conv_plan.blocked_input_gradient(geometry, 4)
+                or _conv_plan.blocked_weight_gradient(geometry, 4))
+    g = rng.standard_normal(geometry.output_shape).astype(np.float32)
+    F.conv2d_backward(g, x, w, stride=stride, padding=1)  # compiled before memory is traced
+    tracemalloc.start()
+    try:
+        grad_x, grad_w, _ = F.conv2d_backward(g, x, w, stride=stride, padding=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    ref_x, ref_w, _ = R.conv2d_backward(g, x, w, stride=stride, padding=1)
+    assert_close(grad_x, ref_x, RTOL[np.float32], "grad_x")
+    assert_close(grad_w, ref_w, RTOL[np.float32], "grad_weight")
+    arrays = 2 * (x.nbytes + g.nbytes + w.nbytes)  # of a forward + backward
+    assert peak - grad_x.nbytes - grad_w.nbytes < 0.25 * arrays, (peak, arrays)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

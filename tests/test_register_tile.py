@@ -11,7 +11,8 @@ import pytest
 
 from numba_cnn._kernels.conv2d import (_check_reads, blocked_correlate, blocked_grad_weight,
                                       correlate, correlate_grad_weight)
-from numba_cnn._kernels.layout import (gather_blocked_weights, pack_channel_blocks,
+from numba_cnn._conv_plan import Grid, phase_crops
+from numba_cnn._kernels.layout import (gather_blocked_weights, pack_channel_blocks, pack_phases,
                                        unblock_grad_weight, unblock_output, unpack_phases)
 from numba_cnn._kernels.register_tile import BROADCAST_PIXELS, VECTOR_BYTES, VECTORS
 
@@ -58,16 +59,23 @@ ONE_PHASE = (np.zeros((1, 1), dtype=np.int64), np.zeros(1, dtype=np.int64))
 
 
 def run_correlation(src, image_stride, offsets, phase_taps, weight, out, phase_pixels,
-                    tap_block, tiles_per_task, unpack=False, bias=None, dst=None,
-                    phases=ONE_PHASE, grid_w=0, pads=(0, 0)):
+                    tap_block, tiles_per_task, unpack=False, bias=None, dst=None, crops=None,
+                    pack_src=None, packing=(0,) * 6):
     """``correlate`` with one tap block size for every phase, its other arguments typed as the
-    library passes them (other types would compile another specialisation)."""
+    library passes them (other types would compile another specialisation); with
+    ``pack_src``, packing per thread into ``src``, a slot per thread."""
     dtype = src.dtype
     tap_blocks = np.full(phase_taps.size - 1, tap_block, dtype=np.int64)
     bias = np.zeros(0, dtype) if bias is None else bias
     dst = np.zeros((0, 0, 0, 0), dtype) if dst is None else dst
+    crops = np.zeros((0, 7), dtype=np.int64) if crops is None else crops
+    slot_images = np.zeros(0, dtype=np.int64)
+    if pack_src is not None:
+        slot_images = np.full(numba.get_num_threads() + 1, -1, dtype=np.int64)
+    else:
+        pack_src = np.zeros((0, 0, 0, 0), dtype)
     correlate(src, image_stride, offsets, phase_taps, weight, out, phase_pixels, tap_blocks,
-              tiles_per_task, unpack, bias, dst, *phases, grid_w, *pads)
+              tiles_per_task, unpack, bias, dst, crops, pack_src, slot_images, packing)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -137,10 +145,11 @@ def test_unpacking_correlation_matches_crop_formula(rows, groups, vectors, tap_b
     rows_per_group, filters_per_group = rows // groups, filters // groups
     bias = rng.standard_normal(filters).astype(dtype)
     dst = np.full((batch, filters, height, width), np.nan, dtype)
+    crops = phase_crops(*ONE_PHASE[:1], phase_pixels, ONE_PHASE[1], grid_w,
+                        (first_row, first_column), (height, width))
     run_correlation(src, image_stride, offsets, phase_taps, weight,
                     unpacking_slots(rows, groups, tiles_per_task, length, dtype), phase_pixels,
-                    tap_block, tiles_per_task, True, bias, dst, grid_w=grid_w,
-                    pads=(first_row, first_column))
+                    tap_block, tiles_per_task, True, bias, dst, crops)
     sums = correlation_by_formula(src, image_stride, offsets, weight, out_shape)
     f = np.arange(filters)
     row = f // filters_per_group * rows_per_group + f % filters_per_group
@@ -177,10 +186,48 @@ def test_unpacking_phases_match_the_unpack_phases_formula(rows, groups, tap_bloc
     dst = np.full(dst_shape, np.nan, dtype)
     run_correlation(src, image_stride, offsets, phase_taps, weight,
                     unpacking_slots(rows, groups, tiles_per_task, length, dtype), phase_pixels,
-                    tap_block, tiles_per_task, True, bias, dst, (phase_table, first_rows),
-                    grid_w, pads)
+                    tap_block, tiles_per_task, True, bias, dst,
+                    phase_crops(phase_table, phase_pixels, first_rows, grid_w, pads,
+                                dst_shape[2:]))
     assert not np.isnan(expected).any()
     np.testing.assert_array_equal(dst, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, groups", [(8, 2), (3, 3)], ids=["4_row_tiles", "1_row_groups"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_packing_per_thread_matches_the_packed_grid_formula(rows, groups, batch, dtype, rng):
+    # A (batch, 6, 5, 7) source, packed with margins (2, 1) into 8 x 10 planes of 96 pixels
+    # (spare ones zero), read by 4 + 8 taps at random places of an image's planes; the tasks
+    # packing their images into per-thread slots must give what the whole packed grid gives.
+    channels, height, width, grid_h, grid_w, image_len, read_span = 6, 5, 7, 8, 10, 96, 130
+    source = rng.standard_normal((batch, channels, height, width)).astype(dtype)
+    packing = (channels, 2, 1, grid_h, grid_w, image_len)
+    grid = Grid(channels, 1, batch, image_len, read_span, dtype)
+    pack_phases(source, grid.data, channels, grid.plane_strides, channels, channels, 2, 1, 1, 1,
+                grid_h, grid_w, image_len)
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    phase_taps = np.array([0, 4, 12], dtype=np.int64)
+    phase_pixels = np.array([0, 2 * lanes, 3 * lanes], dtype=np.int64)
+    offsets = rng.integers(0, channels * image_len, size=(groups, 12)).astype(np.int64)
+    weight = rng.standard_normal((rows, 12)).astype(dtype)
+    filters, *_ = unpack_crop(rows, groups, 2 * lanes)
+    bias = rng.standard_normal(filters).astype(dtype)
+    crops = phase_crops(np.array([[0], [1]], dtype=np.int64), phase_pixels,
+                        np.zeros(2, dtype=np.int64), 4, (0, 0), (3, 4))
+    results = []
+    for per_thread in (False, True):
+        dst = np.full((batch, filters, 3, 4), np.nan, dtype)
+        slots = Grid(channels, 1, numba.get_num_threads(), image_len, read_span, dtype)
+        # NaN planes (zero tails): the tasks' packing must fill them
+        slots.data.reshape(-1, slots.image_stride)[:, :channels * image_len] = np.nan
+        run_correlation(slots.data if per_thread else grid.data, grid.image_stride, offsets,
+                        phase_taps, weight, unpacking_slots(rows, groups, 1, 3 * lanes, dtype),
+                        phase_pixels, 5, 1, True, bias, dst, crops,
+                        source if per_thread else None, packing)
+        results.append(dst)
+    assert not np.isnan(results[0]).any()
+    np.testing.assert_array_equal(results[1], results[0])
 
 
 def test_unpacking_correlation_refuses_slots_or_outputs_that_do_not_fit(rng):
@@ -189,20 +236,28 @@ def test_unpacking_correlation_refuses_slots_or_outputs_that_do_not_fit(rng):
     bias = np.zeros(8, np.float32)
     threads = numba.get_num_threads()
 
-    def run(slots_shape, dst_shape, tiles_per_task=1, pixels=phase_pixels):
+    def run(slots_shape, dst_shape, tiles_per_task=1, pixels=phase_pixels, first_row=0):
+        crops = phase_crops(*ONE_PHASE[:1], phase_pixels, ONE_PHASE[1], length,
+                            (first_row, 0), dst_shape[2:])
         run_correlation(src, image_stride, offsets, phase_taps, weight,
                         np.empty(slots_shape, np.float32), pixels, 8, tiles_per_task, True,
-                        bias, np.empty(dst_shape, np.float32), grid_w=length)
+                        bias, np.empty(dst_shape, np.float32), crops)
 
     run((threads, 4, length), (batch, 8, 1, length))  # fits
     with pytest.raises(ValueError, match="do not fit"):
         run((threads, 4, length), (batch, 8, 1, length), tiles_per_task=2)  # 8 rows per task
     with pytest.raises(ValueError, match="do not fit"):  # pixels past the scratch rows
         run((threads, 4, length), (batch, 8, 1, length), pixels=phase_pixels + 16)
+    with pytest.raises(ValueError, match="do not fit"):  # a crop past the grid row
+        run((threads, 4, length), (batch, 8, 1, length), first_row=1)
     with pytest.raises(ValueError, match="do not fit"):
         run((threads, 4, length), (batch, 9, 1, length))  # more filters than rows
     with pytest.raises(ValueError, match="fewer output slots"):
         run((0, 4, length), (batch, 8, 1, length))
+    with pytest.raises(ValueError, match="packing per thread"):  # without output slots
+        run_correlation(src, image_stride, offsets, phase_taps, weight,
+                        np.empty((4, batch, length), np.float32), phase_pixels, 8, 1,
+                        pack_src=np.zeros((batch, 1, 1, 1), np.float32))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

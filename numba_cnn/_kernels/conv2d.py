@@ -47,7 +47,7 @@ from numba import get_thread_id, njit, prange
 from numba.core import config
 
 from . import cached_njit
-from .layout import image_in_slot, unblock_run, unpack_rows
+from .layout import image_in_slot, pack_grid_image, unblock_run
 from .register_tile import ROWS as ROW_TILE
 from .register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS, REDUCE_TAPS,
                             SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS, build_broadcast_runner,
@@ -80,11 +80,16 @@ def _check_reads(src, offsets, last_start, length):
 
 @njit
 def _check_phase_reads(src, offsets, phase_taps, phase_pixels, last_start):
-    """``_check_reads`` for each phase of ``correlate``: its taps with its pixels."""
+    """``_check_reads`` for each phase of ``correlate``: its taps with its pixels. (Plain
+    loops: the kernel compiles this even where NUMBA_BOUNDSCHECK is off, and slicing the
+    offsets per phase made that 0.8 s longer.)"""
     for phase in range(phase_taps.shape[0] - 1):
-        _check_reads(src, np.ascontiguousarray(offsets[:, phase_taps[phase]:
-                                                         phase_taps[phase + 1]]),
-                     last_start, phase_pixels[phase + 1] - phase_pixels[phase])
+        length = phase_pixels[phase + 1] - phase_pixels[phase]
+        for group in range(offsets.shape[0]):
+            for tap in range(phase_taps[phase], phase_taps[phase + 1]):
+                if offsets[group, tap] < 0 or (last_start + offsets[group, tap] + length
+                                               > src.shape[0]):
+                    raise IndexError("correlate: a tap reads outside the packed input")
 
 
 def _build_drivers(build):
@@ -95,15 +100,24 @@ def _build_drivers(build):
     inlines from ``register_tile.py`` or against NUMBA_BOUNDSCHECK, so without these values in
     the key an edited tile module (or a bounds-checked run) would load stale cached code.
     """
+    # A bool of its own, not build[0]: Numba prunes a branch on a constant closure bool, but
+    # compiled the range checks behind ``if build[0]`` into every kernel (+0.8 s for correlate's).
+    check_bounds = build[0]
     @cached_njit(parallel=True)
     def correlate(src, src_image_stride, offsets, phase_taps, weight, out, phase_pixels,
-                  tap_blocks, tiles_per_task, unpack, bias, dst, phase_table, first_rows,
-                  grid_w, pad_top, pad_left):
+                  tap_blocks, tiles_per_task, unpack, bias, dst, crops, pack_src, slot_images,
+                  packing):
         """Set ``out`` to the multi-tap correlation of one or more phases; or, with ``unpack``,
         write it to ``dst`` from the tasks that compute it (see below).
 
         src : 1-D, the packed input (see module docstring), with zeros for padding taps.
-        src_image_stride : elements between consecutive images in ``src``.
+        src_image_stride : elements between consecutive images in ``src``. Or, unpacking with
+        ``slot_images`` (S + 1,) int64 set to -1 (else of size 0), ``src`` holds S images'
+        room, a slot per thread, zero past each image's planes, and a task packs its image of
+        ``pack_src`` (N, C, H, W) into its thread's slot when the slot does not hold it yet:
+        ``layout.pack_grid_image`` with ``packing`` = (grid rows, pad top, pad left, grid
+        height, grid width, plane length). The slot is read from that core's L2, and no copy of
+        the whole input exists.
         offsets : (G, K) int64, phase ``p``'s taps in columns ``phase_taps[p]`` to
         ``phase_taps[p + 1]``; weight : (R, K), the same columns; out : (R, N, L),
         C-contiguous, overwritten, each row holding the phases' pixels one after another:
@@ -123,10 +137,13 @@ def _build_drivers(build):
         channel). The taps are still summed in order, so the result does not depend on the
         blocking.
 
-        With ``unpack``, the task's rows go to ``dst`` (N, F, H, W), NCHW, plus ``bias`` (F,), by
-        ``layout.unpack_plane`` with (phase_table, phase_pixels, first_rows, grid_w, pad_top,
-        pad_left) as in ``layout.unpack_phases``, where row ``r`` of group ``g`` holds output
-        ``g * F // G + r - g * R // G`` (the rows past a group's outputs are padding). ``out``
+        With ``unpack``, the task's rows go to ``dst`` (N, F, H, W), NCHW, plus ``bias`` (F,),
+        where row ``r`` of group ``g`` holds output ``g * F // G + r - g * R // G`` (the rows
+        past a group's outputs are padding): each row of ``crops`` (K, 7) int64, (target,
+        lines, columns, source, target line step, target column step, source line step),
+        copies a rectangle of the output row from pixel ``source`` on into the output's plane
+        from ``target`` on (``_conv_plan.phase_crops``: a stride phase each), or sets it to
+        the bias where ``source`` < 0 (a phase without taps). ``out``
         (S, rows per task, L) is then scratch: each thread (S >= threads) computes a task's
         rows there and writes them out while they are in cache, instead of writing all of the
         grid to memory for a separate unpacking pass to read back (mnist1 and z2dl spent 40% of
@@ -141,10 +158,26 @@ def _build_drivers(build):
         rows_per_tile = ROW_TILE if rows_per_group % ROW_TILE == 0 else 1
         row_tiles = rows // rows_per_tile
         row_sets = (row_tiles + tiles_per_task - 1) // tiles_per_task
-        if phase_pixels[phases] != row_len or unpack and (
-                out.shape[1] < tiles_per_task * rows_per_tile or dst.shape[1] % groups != 0
-                or dst.shape[1] // groups > rows_per_group or bias.shape[0] < dst.shape[1]):
+        prepacked = slot_images.size == 0
+        plane = dst.shape[2] * dst.shape[3]
+        fits = phase_pixels[phases] == row_len
+        if unpack:
+            fits = fits and out.shape[1] >= tiles_per_task * rows_per_tile and (
+                dst.shape[1] % groups == 0 and dst.shape[1] // groups <= rows_per_group
+                and bias.shape[0] >= dst.shape[1])
+            for crop in range(crops.shape[0]):
+                target, lines, columns, source = (crops[crop, 0], crops[crop, 1],
+                                                  crops[crop, 2], crops[crop, 3])
+                last_target = target + (lines - 1) * crops[crop, 4] + (columns - 1) * crops[
+                    crop, 5]
+                last_source = source + (lines - 1) * crops[crop, 6] + columns - 1
+                fits = fits and (lines < 1 or columns < 1 or target >= 0 and last_target < plane
+                                 and (source < 0 or last_source < row_len))
+        if not fits:
             raise ValueError("correlate: dst or the output slots do not fit the sums")
+        if not prepacked and (not unpack or pack_src.shape[0] != batch
+                              or src.shape[0] < (slot_images.size - 1) * src_image_stride):
+            raise ValueError("correlate: packing per thread needs unpacking and a slot each")
         out_flat = out.reshape(-1)
         dst_flat = dst.reshape(-1)
         outputs_per_group = dst.shape[1] // groups
@@ -156,9 +189,10 @@ def _build_drivers(build):
         offsets_flat = offsets.reshape(-1)
         weight_flat = weight.reshape(-1)
         lanes = VECTOR_BYTES // src.itemsize
-        if build[0]:  # NUMBA_BOUNDSCHECK
-            _check_phase_reads(src, offsets, phase_taps, phase_pixels,
-                               (batch - 1) * src_image_stride)
+        if check_bounds and build[0]:  # NUMBA_BOUNDSCHECK (build: in the cache key)
+            _check_phase_reads(src, offsets, phase_taps, phase_pixels, (
+                batch if prepacked else slot_images.size - 1) * src_image_stride
+                - src_image_stride)
         for task in prange(batch * row_sets):
             task_index = np.int64(task)
             n = task_index // row_sets
@@ -167,12 +201,22 @@ def _build_drivers(build):
             first_task_row = first_tile * rows_per_tile
             src_start = n * src_image_stride
             slot_start = 0
+            # where the task's first row starts in ``out``: (r * N + n) * L in the grid, at
+            # its thread's slot in the scratch (set without a branch in the tile loops: LLVM
+            # unswitched the loops on it, compiling their 12 inlined tiles twice, +1.5 s)
+            task_out_start = n * row_len + first_task_row * out_row_stride
             if unpack:
                 slot = np.int64(get_thread_id())  # in [0, get_num_threads()): one writer each
-                if slot >= out.shape[0]:
+                if slot >= out.shape[0] or not prepacked and slot >= slot_images.size - 1:
                     slot_overflows += 1  # raised below: a raise in the loop would make it
                     continue             # serial
                 slot_start = slot * task_len
+                task_out_start = slot_start
+                if not prepacked:
+                    src_start = slot * src_image_stride
+                    if slot_images[slot] != n:
+                        pack_grid_image(pack_src, n, src, src_start, *packing)
+                        slot_images[slot] = n
             for phase in range(phases):
                 first_phase_tap = phase_taps[phase]
                 phase_tap_count = phase_taps[phase + 1] - first_phase_tap
@@ -189,10 +233,8 @@ def _build_drivers(build):
                             block_taps = (r0 // rows_per_group) * taps + first_phase_tap
                             block_offsets = offsets_flat[block_taps + first_tap:
                                                          block_taps + stop_tap]
-                            if unpack:
-                                out_start = slot_start + (r0 - first_task_row) * row_len + pixel
-                            else:
-                                out_start = (r0 * batch + n) * row_len + pixel
+                            out_start = task_out_start + (r0 - first_task_row) \
+                                * out_row_stride + pixel
                             weight_start = r0 * taps + first_phase_tap + first_tap
                             if rows_per_tile == ROW_TILE:
                                 run_tile_4_rows(vectors, src, src_start + pixel - phase_pixels[
@@ -205,16 +247,7 @@ def _build_drivers(build):
                                                weight_start, taps, out_flat, out_start,
                                                out_row_stride, first_tap)
                     pixel += vectors * lanes
-            if unpack and phase_table.size > 1:
-                unpack_rows(out_flat, slot_start, row_len, first_task_row,
-                            stop_tile * rows_per_tile, rows_per_group, groups, phase_table,
-                            phase_pixels, first_rows, grid_w, pad_top, pad_left, bias,
-                            dst_flat, dst.shape, n)
-            elif unpack:
-                # Stride 1: a crop of the one phase, copied here. (Through unpack_rows, the same copy made
-                # mnist1's forward 5% slower: a call per task, passing 6 arrays.)
-                height, width = dst.shape[2], dst.shape[3]
-                crop_start = (pad_top - first_rows[0]) * grid_w + pad_left
+            if unpack:
                 for row in range(first_task_row, stop_tile * rows_per_tile):
                     group = row // rows_per_group
                     output = row - group * rows_per_group
@@ -222,15 +255,35 @@ def _build_drivers(build):
                         continue
                     output += group * outputs_per_group
                     value = bias[output]
-                    source = np.uint64(slot_start + (row - first_task_row) * row_len
-                                       + crop_start)
-                    target = np.uint64((n * dst.shape[1] + output) * height * width)
-                    for i in range(height):
-                        line_source = source + np.uint64(i * grid_w)
-                        line_target = target + np.uint64(i * width)
-                        for j in range(width):
-                            dst_flat[line_target + np.uint64(j)] = (
-                                out_flat[line_source + np.uint64(j)] + value)
+                    row_start = slot_start + (row - first_task_row) * row_len
+                    plane_start = (n * dst.shape[1] + output) * plane
+                    for crop in range(crops.shape[0]):
+                        target = plane_start + crops[crop, 0]
+                        lines, columns, source = crops[crop, 1], crops[crop, 2], crops[crop, 3]
+                        line_step, column_step = crops[crop, 4], crops[crop, 5]
+                        source_step = crops[crop, 6]
+                        source += row_start
+                        # the case decided per crop, not per line: with the branches inside
+                        # the line loop, mnist1's forward was 14% slower
+                        if crops[crop, 3] < 0:
+                            for i in range(lines):
+                                line_target = np.uint64(target + i * line_step)
+                                for j in range(columns):
+                                    dst_flat[line_target + np.uint64(j * column_step)] = value
+                        elif column_step == 1:
+                            for i in range(lines):
+                                line_target = np.uint64(target + i * line_step)
+                                line_source = np.uint64(source + i * source_step)
+                                for j in range(columns):
+                                    dst_flat[line_target + np.uint64(j)] = (
+                                        out_flat[line_source + np.uint64(j)] + value)
+                        else:
+                            for i in range(lines):
+                                line_target = np.uint64(target + i * line_step)
+                                line_source = np.uint64(source + i * source_step)
+                                for j in range(columns):
+                                    dst_flat[line_target + np.uint64(j * column_step)] = (
+                                        out_flat[line_source + np.uint64(j)] + value)
         # (checked after the fact: numba.get_num_threads() would make the kernel uncacheable)
         if slot_overflows > 0:
             raise ValueError("correlate: fewer output slots than threads")
@@ -271,7 +324,7 @@ def _build_drivers(build):
         block_images = max(1, min(batch, pixel_block // max(length, 1)))
         image_blocks = (batch + block_images - 1) // block_images
         zero = grad_weight.dtype.type(0)
-        if build[0]:  # NUMBA_BOUNDSCHECK
+        if check_bounds and build[0]:  # NUMBA_BOUNDSCHECK (build: in the cache key)
             _check_reads(src, offsets, (batch - 1) * src_image_stride, length)
         for task in prange(row_sets * tap_splits):
             task_index = np.int64(task)
@@ -345,7 +398,7 @@ def _build_drivers(build):
         partials_flat = partials.reshape(-1)
         zero = partials.dtype.type(0)
         prepacked = slot_images.size == 0
-        if build[0]:  # NUMBA_BOUNDSCHECK
+        if check_bounds and build[0]:  # NUMBA_BOUNDSCHECK (build: in the cache key)
             _check_reads(packed_flat, offsets, (slots - 1) * image_len,
                          (out_height - 1) * line_stride + (out_width - 1) * stride_w * lanes
                          + lanes)
@@ -404,6 +457,8 @@ def _build_blocked_correlate(build):
     """The channel-blocked correlation for column stride ``build[2]`` (a literal of its tile);
     ``build`` = (check bounds, register_tile.SOURCE_FINGERPRINT, column stride), the cache key
     as in ``_build_drivers``."""
+    check_bounds = build[0]  # (see _build_drivers)
+
     def blocked_correlate(src, pad_top, pad_left, packed, slot_images, offsets, line_terms,
                           weight, out, unblock, bias, dst, stride_h, pixel_tiles):
         """Set ``sums[n, b, i, j, lane] = sum_t image_flat[(i * stride_h * W + j * stride_w)
@@ -463,7 +518,7 @@ def _build_blocked_correlate(build):
                         or dst.shape[2] != out_height or dst.shape[3] != out_width
                         or out.shape[1] < BROADCAST_VECTORS or bias.shape[0] < dst.shape[1]):
             raise ValueError("blocked_correlate: dst or the output slots do not fit the sums")
-        if build[0]:  # NUMBA_BOUNDSCHECK
+        if check_bounds and build[0]:  # NUMBA_BOUNDSCHECK (build: in the cache key)
             _check_reads(packed_flat, offsets, (slots - 1) * image_len
                          + (out_height - 1) * line_stride, (out_width - 1) * pixel_step + 1)
         for task in prange(batch * pairs * line_ranges):

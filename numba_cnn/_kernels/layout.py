@@ -130,25 +130,37 @@ def unpack_plane(grids, row_start, phase_table, phase_pixels, first_rows, grid_w
 
 
 @njit
-def unpack_rows(grids, first_row_start, row_stride, first_row, stop_row, rows_per_group,
-                groups, phase_table, phase_pixels, first_rows, grid_w, pad_top, pad_left, bias,
-                dst_flat, dst_shape, n):
-    """``unpack_plane`` for output rows ``first_row`` to ``stop_row`` of image ``n``, held from
-    ``first_row_start`` on, ``row_stride`` apart, into the flat NCHW ``dst_flat``
-    (``dst_shape``): row ``r`` of group ``g`` holds output ``g * F // groups + r - g *
-    rows_per_group``, and the rows past a group's outputs (padding) are skipped.
-    ``correlate``'s tasks call it once for their rows, where there are several phases."""
-    _, outputs, height, width = dst_shape
-    outputs_per_group = outputs // groups
-    for row in range(first_row, stop_row):
-        group = row // rows_per_group
-        output = row - group * rows_per_group
-        if output >= outputs_per_group:
-            continue
-        output += group * outputs_per_group
-        unpack_plane(grids, first_row_start + (row - first_row) * row_stride, phase_table,
-                     phase_pixels, first_rows, grid_w, pad_top, pad_left, bias[output],
-                     dst_flat, (n * outputs + output) * height * width, height, width)
+def pack_grid_image(src, n, dst_flat, image_start, rows, pad_top, pad_left, grid_h, grid_w,
+                    image_len):
+    """Image ``n`` of ``src`` (N, rows, H, W) as ``pack_phases`` packs it with stride 1 and
+    ``rows`` grid rows (no padding rows), on the calling thread, its planes one after another
+    from ``image_start`` on: ``correlate``'s per-thread packing. (Its own short loops, not
+    ``pack_phases``'s for all strides: each helper inlined into ``correlate`` adds its compile
+    time to the kernel's, 1.8 s for those.)"""
+    _, _, height, width = src.shape
+    src_flat = src.reshape(-1)
+    zero = dst_flat.dtype.type(0)
+    # the grid columns that hold source columns
+    first = min(grid_w, max(pad_left, 0))
+    stop = max(first, min(grid_w, width + pad_left))
+    for row in range(rows):
+        plane = image_start + row * image_len
+        for i in range(grid_h):
+            line = np.uint64(plane + i * grid_w)
+            ih = i - pad_top
+            copied_stop = first
+            if 0 <= ih < height:
+                copied_stop = stop
+                source = np.uint64(((n * rows + row) * height + ih) * width + first - pad_left)
+                target = line + np.uint64(first)
+                for j in range(stop - first):
+                    dst_flat[target + np.uint64(j)] = src_flat[source + np.uint64(j)]
+            for j in range(first):
+                dst_flat[line + np.uint64(j)] = zero
+            for j in range(copied_stop, grid_w):
+                dst_flat[line + np.uint64(j)] = zero
+        for pixel in range(grid_h * grid_w, image_len):
+            dst_flat[np.uint64(plane + pixel)] = zero
 
 
 @cached_njit(parallel=True)
@@ -186,7 +198,7 @@ def unpack_phases(grids, phase_table, phase_pixels, first_rows, rows_per_group,
                      (n * rows + row) * height * width, height, width)
 
 
-@cached_njit(parallel=True)
+@cached_njit()
 def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix, first_column,
                          phase_columns):
     """Fill columns ``first_column`` to ``first_column + phase_columns`` of ``matrix``
@@ -199,7 +211,8 @@ def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix, fi
     last axis: 0.14 ms per phase of the dcgan layer, 0.5 ms for res14's weight. A task fills a
     block of CHANNEL_BLOCK rows filter by filter, so it reads the weight in runs of
     CHANNEL_BLOCK channels (one row at a time read a new cache line per element: res14 stride 2,
-    0.65 ms for its four phases).
+    0.65 ms for its four phases). On one thread: the grid's input gradients gather small
+    weights (dcgan's 0.5 MB, ~0.1 ms), and as a parallel kernel it took 0.9 s longer to compile.
     """
     filters, channels_per_group, kernel_h, kernel_w = weight.shape
     filters_per_group = filters // groups
@@ -218,7 +231,7 @@ def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix, fi
     weight_flat = weight.reshape(-1)
     matrix_flat = matrix.reshape(-1)
     blocks = (rows_padded + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-    for task in prange(groups * blocks):
+    for task in range(groups * blocks):
         task_index = np.int64(task)
         group = task_index // blocks
         first = (task_index - group * blocks) * CHANNEL_BLOCK
