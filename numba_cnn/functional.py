@@ -412,8 +412,14 @@ def _channel_blocked_grad_weight(grad_out, x, geometry):
                         grad_out, partials, *geometry.stride, plan.block_lines,
                         *plan.splits(max(1, threads // parts)))
     del packed  # freed before grad_weight exists
-    grad_weight = np.empty(geometry.weight_shape, dtype=x.dtype)
-    unblock_grad_weight(partials, grad_weight)
+    # in the partials' place where a filter's rows take the same room in both layouts (with two
+    # parts, the returned gradient would keep both alive)
+    if parts == 1 and partials.size == int(np.prod(geometry.weight_shape)):
+        grad_weight = partials[0].reshape(geometry.weight_shape)
+    else:
+        grad_weight = np.empty(geometry.weight_shape, dtype=x.dtype)
+    unblock_grad_weight(partials, grad_weight,
+                        np.empty((threads, partials.shape[2] * partials.shape[3]), x.dtype))
     return grad_weight
 
 

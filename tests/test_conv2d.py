@@ -543,6 +543,27 @@ def test_strided_blocked_input_gradient_holds_one_phase_where_grad_x_is_large(
     if grad_x.nbytes > w.nbytes:
         assert peak - grad_x.nbytes < 0.75 * grad_x.nbytes, (peak, grad_x.nbytes)
 
+def test_blocked_weight_gradient_is_unblocked_in_place(rng):
+    # 32 channels (whole vectors), one batch part: the weight gradient is written over its
+    # channel-blocked partial sums, so the pass holds no second weight-sized array
+    x = rng.standard_normal((2, 32, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    geometry = _args.conv2d_geometry(x.shape, w.shape, 2, 1, 1, 1, "test")
+    assert _conv_plan.blocked_weight_gradient(geometry, 4)
+    assert _conv_plan.ChannelBlockedPlan.for_geometry(geometry, 4).batch_parts == 1
+    g = rng.standard_normal(geometry.output_shape).astype(np.float32)
+    F._conv2d_grad_weight(g, x, geometry)  # compiled before memory is traced
+    tracemalloc.start()
+    try:
+        grad_w = F._conv2d_grad_weight(g, x, geometry)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_close(grad_w, R.conv2d_backward(g, x, w, stride=2, padding=1)[1], RTOL[np.float32],
+                 "grad_weight")
+    assert peak - grad_w.nbytes < 0.5 * grad_w.nbytes, (peak, grad_w.nbytes)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_backward_of_few_input_channels_holds_no_whole_copy_of_grad_out(stride, rng):
     # One input channel, 16 filters: x is small against grad_out, and the grid passes' packed

@@ -377,21 +377,32 @@ def test_blocked_grad_weight_kernel_matches_formula(taps, rows, stride, block_li
 
 
 @pytest.mark.parametrize("parts", [1, 3])
-def test_unblock_grad_weight_sums_the_parts_in_order(parts, rng):
+# a partly filled last block; whole blocks, grad_weight in the first partial's place
+@pytest.mark.parametrize("rest, in_place", [(3, False), (0, True)])
+def test_unblock_grad_weight_sums_the_parts_in_order(parts, rest, in_place, rng):
     lanes = VECTOR_BYTES // 4
-    filters, channels, kernel_h, kernel_w = 5, lanes + 3, 2, 3
     blocks = 2
+    filters, channels, kernel_h, kernel_w = 5, (blocks - 1) * lanes + (rest or lanes), 2, 3
     partials = rng.standard_normal((parts, filters, blocks * kernel_h * kernel_w, lanes))
     partials = partials.astype(np.float32)
-    grad_weight = np.full((filters, channels, kernel_h, kernel_w), np.nan, dtype=np.float32)
-    unblock_grad_weight(partials, grad_weight)
     total = partials[0].copy()
     for part in partials[1:]:
         total += part  # float32, in order: the same rounding
+    shape = (filters, channels, kernel_h, kernel_w)
+    grad_weight = partials[0].reshape(shape) if in_place else np.full(shape, np.nan, np.float32)
+    unblock_grad_weight(partials, grad_weight,
+                        np.empty((numba.get_num_threads(), partials[0, 0].size), np.float32))
     # (f, b, kh, kw, lane) -> (f, b * lanes + lane, kh, kw), the channels >= C dropped
     expected = total.reshape(filters, blocks, kernel_h, kernel_w, lanes).transpose(0, 1, 4, 2, 3)
     expected = expected.reshape(filters, blocks * lanes, kernel_h, kernel_w)[:, :channels]
     np.testing.assert_array_equal(grad_weight, expected)
+
+
+def test_unblock_grad_weight_refuses_too_few_scratch_rows(rng):
+    partials = rng.standard_normal((1, 4, 9, VECTOR_BYTES // 4)).astype(np.float32)
+    grad_weight = np.empty((4, VECTOR_BYTES // 4, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="scratch rows"):
+        unblock_grad_weight(partials, grad_weight, np.empty((0, 9 * 16), np.float32))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
