@@ -278,13 +278,15 @@ class ForwardPlan:
 
 
 class InputGradPlan:
-    """Input gradient of a convolution as one stride-1 correlation per stride phase.
+    """Input gradient of a convolution as one stride-1 correlation per stride phase, all of
+    them in one ``correlate`` call.
 
     Input position ``ih = i * sh + a`` (padded coordinates) receives gradient from the taps with
     ``kh * dh = a + m * sh`` (m >= 0), from output row ``i - m``. The output gradient is packed
-    once into a grid with ``margin = ((K - 1) * d) // s`` zero rows/columns in front, so every
-    such read is a non-negative constant offset; each phase (a, b) then is a correlation with
-    its own tap subset, never touching the zeros a zero-inserted ("dilated") gradient would have.
+    (by the correlation's tasks, image by image) into a grid with ``margin = ((K - 1) * d) // s``
+    zero rows/columns in front, so every such read is a non-negative constant offset; each phase
+    (a, b) then is a correlation with its own tap subset, never touching the zeros a
+    zero-inserted ("dilated") gradient would have.
     """
 
     def __init__(self, geometry):

@@ -90,8 +90,8 @@ def unpack_plane(grids, row_start, phase_table, phase_pixels, first_rows, grid_w
                  pad_left, row_bias, dst_flat, plane_start, height, width):
     """Write the (height, width) plane of the flat ``dst_flat`` from ``plane_start`` on from
     one output row of the stride phases' grids, its phase ``p`` at ``grids[row_start +
-    phase_pixels[p]:]``: ``unpack_phases`` for one (image, row), also called by ``correlate``'s
-    tasks on their rows."""
+    phase_pixels[p]:]``: ``unpack_phases`` for one (image, row). (``correlate``'s tasks write
+    the same positions through ``_conv_plan.phase_crops``.)"""
     stride_h, stride_w = phase_table.shape
     for a in range(stride_h):
         # the rows ih = i * sh + a - pad_top inside [0, height): first i, and count
@@ -104,8 +104,6 @@ def unpack_plane(grids, row_start, phase_table, phase_pixels, first_rows, grid_w
             col_count = max(0, (width - iw0 + stride_w - 1) // stride_w)
             phase = phase_table[a, b]
             first_target = plane_start + ih0 * width + iw0
-            # one loop per case, the case decided outside it: a branch inside the row loop
-            # kept LLVM from vectorising the unit-stride copy (correlate's crops 4-8% slower)
             if phase < 0:
                 for i in range(row_count):
                     dst_start = np.uint64(first_target + i * stride_h * width)
