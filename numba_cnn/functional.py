@@ -103,14 +103,14 @@ def _conv2d_forward(x, weight, bias, geometry, grid=None):
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     y = np.empty(geometry.output_shape, dtype=x.dtype)
     _correlate_grid_into(grid, None, plan, plan.weight_matrix(weight), [plan.block_shape],
-                         (0, 0), _bias_values(bias, geometry.out_channels, x.dtype), y)
+                         _bias_values(bias, geometry.out_channels, x.dtype), y)
     return y
 
 
-def _correlate_grid_into(grid, src, plan, matrix, block_shapes, pads, bias, dst):
+def _correlate_grid_into(grid, src, plan, matrix, block_shapes, bias, dst):
     """Run ``correlate`` with ``plan``'s offsets and phases (a ``ForwardPlan`` or an
-    ``InputGradPlan``) for all of ``dst`` (N, F, H, W), its sums unpacked as by
-    ``unpack_phases`` (``pads`` = (top, left)) plus ``bias``: by its own tasks from output slots,
+    ``InputGradPlan``) for all of ``dst`` (N, F, H, W), its sums unpacked by the plan's crops
+    plus ``bias``: by its own tasks from output slots,
     or, where a task per thread would take more memory than the whole output grid (fewer tasks
     than threads), through the grid and ``unpack_phases``. It reads ``grid``, packed; or, if
     that is None, ``src`` as the plan's ``pack_grad_output`` packs it, which the tasks pack
@@ -147,8 +147,8 @@ def _correlate_grid_into(grid, src, plan, matrix, block_shapes, pads, bias, dst)
     correlate(grid.data, grid.image_stride, *arguments, out_grid, *unpacking, False, bias,
               _NO_DST[dst.dtype.type], plan.crops, *no_packing)
     del grid  # (if the caller does not hold it)
-    unpack_phases(out_grid.reshape(-1), plan.phase_table, plan.phase_pixels, plan.first_rows,
-                  outputs // groups, rows_per_group, plan.grid_w, *pads, bias, dst)
+    unpack_phases(out_grid.reshape(-1), row_len, plan.crops, outputs // groups, rows_per_group,
+                  bias, dst)
 
 
 def _blocked_forward(x, weight, bias, geometry):
@@ -314,7 +314,6 @@ def _conv2d_grad_input(grad_out, weight, bias, geometry):
     # every position of grad_x is written (the bias alone where a phase has no taps)
     grad_x = np.empty(geometry.input_shape, dtype=grad_out.dtype)
     _correlate_grid_into(None, grad_out, plan, plan.weight_matrix(weight), plan.block_shapes,
-                         (geometry.pad[0], geometry.pad[2]),
                          _bias_values(bias, geometry.in_channels, grad_out.dtype), grad_x)
     return grad_x
 

@@ -171,25 +171,38 @@ def test_unpacking_phases_match_the_unpack_phases_formula(rows, groups, tap_bloc
         random_correlation(rng, dtype, rows, groups, 2, phases=3))
     _, batch, length = out_shape
     filters, *_ = unpack_crop(rows, groups, length)
+    rows_per_group, filters_per_group = rows // groups, filters // groups
     phase_table = np.array([[0, -1], [1, 2], [-1, -1]], dtype=np.int64)
     first_rows = np.array([1, 0, 0], dtype=np.int64)
     # (each phase reads inside its own pixels: up to pixel 10, 15 and 14 of its 16, 24 and 16
     # float64 pixels)
-    grid_w, pads, dst_shape = 5, (1, 2), (batch, filters, 7, 9)
+    (sh, sw), grid_w, (pad_top, pad_left) = phase_table.shape, 5, (1, 2)
+    dst_shape = (batch, filters, 7, 9)
     bias = rng.standard_normal(filters).astype(dtype)
+    crops = phase_crops(phase_table, phase_pixels, first_rows, grid_w, (pad_top, pad_left),
+                        dst_shape[2:])
     grid = np.empty(out_shape, dtype)
     run_correlation(src, image_stride, offsets, phase_taps, weight, grid, phase_pixels,
                     tap_block, tiles_per_task)
-    expected = np.full(dst_shape, np.nan, dtype)
-    unpack_phases(grid.reshape(-1), phase_table, phase_pixels, first_rows, filters // groups,
-                  rows // groups, grid_w, *pads, bias, expected)
+    # unpack_phases' formula, position by position: (ih, iw) with ih + pad_top = i * sh + a,
+    # iw + pad_left = j * sw + b takes phase_table[a, b]'s grid pixel (i - first_row, j)
+    expected = np.empty(dst_shape, dtype)
+    for f in range(filters):
+        row = f // filters_per_group * rows_per_group + f % filters_per_group
+        for ih in range(dst_shape[2]):
+            for iw in range(dst_shape[3]):
+                (i, a), (j, b) = divmod(ih + pad_top, sh), divmod(iw + pad_left, sw)
+                phase = phase_table[a, b]
+                expected[:, f, ih, iw] = bias[f] + (0 if phase < 0 else grid[
+                    row, :, phase_pixels[phase] + (i - first_rows[phase]) * grid_w + j])
+    unpacked = np.full(dst_shape, np.nan, dtype)
+    unpack_phases(grid.reshape(-1), length, crops, filters_per_group, rows_per_group, bias,
+                  unpacked)
+    np.testing.assert_array_equal(unpacked, expected)
     dst = np.full(dst_shape, np.nan, dtype)
     run_correlation(src, image_stride, offsets, phase_taps, weight,
                     unpacking_slots(rows, groups, tiles_per_task, length, dtype), phase_pixels,
-                    tap_block, tiles_per_task, True, bias, dst,
-                    phase_crops(phase_table, phase_pixels, first_rows, grid_w, pads,
-                                dst_shape[2:]))
-    assert not np.isnan(expected).any()
+                    tap_block, tiles_per_task, True, bias, dst, crops)
     np.testing.assert_array_equal(dst, expected)
 
 

@@ -86,45 +86,42 @@ def pack_phases(src, dst, grid_rows, plane_strides, rows_per_group, rows_per_gro
 
 
 @njit
-def unpack_plane(grids, row_start, phase_table, phase_pixels, first_rows, grid_w, pad_top,
-                 pad_left, row_bias, dst_flat, plane_start, height, width):
-    """Write the (height, width) plane of the flat ``dst_flat`` from ``plane_start`` on from
-    one output row of the stride phases' grids, its phase ``p`` at ``grids[row_start +
-    phase_pixels[p]:]``: ``unpack_phases`` for one (image, row). (``correlate``'s tasks write
-    the same positions through ``_conv_plan.phase_crops``.)"""
-    stride_h, stride_w = phase_table.shape
-    for a in range(stride_h):
-        # the rows ih = i * sh + a - pad_top inside [0, height): first i, and count
-        i0 = (pad_top - a + stride_h - 1) // stride_h
-        ih0 = i0 * stride_h + a - pad_top
-        row_count = max(0, (height - ih0 + stride_h - 1) // stride_h)
-        for b in range(stride_w):
-            j0 = (pad_left - b + stride_w - 1) // stride_w
-            iw0 = j0 * stride_w + b - pad_left
-            col_count = max(0, (width - iw0 + stride_w - 1) // stride_w)
-            phase = phase_table[a, b]
-            first_target = plane_start + ih0 * width + iw0
-            if phase < 0:
-                for i in range(row_count):
-                    dst_start = np.uint64(first_target + i * stride_h * width)
-                    for j in range(col_count):
-                        dst_flat[dst_start + np.uint64(j * stride_w)] = row_bias
-                continue
-            grid_start = row_start + phase_pixels[phase] + (i0 - first_rows[phase]) * grid_w + j0
-            if stride_w == 1:
-                for i in range(row_count):
-                    dst_start = np.uint64(first_target + i * stride_h * width)
-                    source = np.uint64(grid_start + i * grid_w)
-                    for j in range(col_count):
-                        column = np.uint64(j)
-                        dst_flat[dst_start + column] = grids[source + column] + row_bias
-            else:
-                for i in range(row_count):
-                    dst_start = np.uint64(first_target + i * stride_h * width)
-                    source = np.uint64(grid_start + i * grid_w)
-                    for j in range(col_count):
-                        dst_flat[dst_start + np.uint64(j * stride_w)] = (
-                            grids[source + np.uint64(j)] + row_bias)
+def write_crops(grids, row_start, crops, value, dst_flat, plane_start):
+    """Write one output row of the stride phases' grids, from ``grids[row_start:]``, into the
+    plane of the flat ``dst_flat`` from ``plane_start`` on, plus ``value``: each row of
+    ``crops`` (K, 7) int64, (target, lines, columns, source, target line step, target column
+    step, source line step), copies a rectangle from ``source`` on to ``target`` on, or sets it
+    to ``value`` where ``source`` < 0 (``_conv_plan.phase_crops``: a stride phase each).
+    ``unpack_phases``'s per plane; ``correlate``'s tasks have the same loops inline (called,
+    this made mnist1's forward 4-6% slower; inlined by Numba, the kernel took 0.5-0.9 s longer
+    to compile). The case is decided per crop, not per line: with the branches inside the line
+    loop, mnist1's forward was 14% slower. (Flat unsigned indices: LLVM vectorises the
+    unit-stride copy.)"""
+    for crop in range(crops.shape[0]):
+        target = plane_start + crops[crop, 0]
+        lines, columns = crops[crop, 1], crops[crop, 2]
+        source = row_start + crops[crop, 3]
+        line_step, column_step = crops[crop, 4], crops[crop, 5]
+        source_step = crops[crop, 6]
+        if crops[crop, 3] < 0:
+            for i in range(lines):
+                line_target = np.uint64(target + i * line_step)
+                for j in range(columns):
+                    dst_flat[line_target + np.uint64(j * column_step)] = value
+        elif column_step == 1:
+            for i in range(lines):
+                line_target = np.uint64(target + i * line_step)
+                line_source = np.uint64(source + i * source_step)
+                for j in range(columns):
+                    dst_flat[line_target + np.uint64(j)] = (
+                        grids[line_source + np.uint64(j)] + value)
+        else:
+            for i in range(lines):
+                line_target = np.uint64(target + i * line_step)
+                line_source = np.uint64(source + i * source_step)
+                for j in range(columns):
+                    dst_flat[line_target + np.uint64(j * column_step)] = (
+                        grids[line_source + np.uint64(j)] + value)
 
 
 @njit
@@ -162,28 +159,20 @@ def pack_grid_image(src, n, dst_flat, image_start, rows, pad_top, pad_left, grid
 
 
 @cached_njit(parallel=True)
-def unpack_phases(grids, phase_table, phase_pixels, first_rows, rows_per_group,
-                  rows_per_group_padded, grid_w, pad_top, pad_left, bias, dst):
+def unpack_phases(grids, row_len, crops, rows_per_group, rows_per_group_padded, bias, dst):
     """Write every position of ``dst`` (N, rows, H, W) from the stride phases' output grids.
 
-    ``grids`` is the flat (rows_padded, N, L) output of ``correlate``, each of its rows holding
-    the phases one after another: phase ``p``'s grid pixels from ``phase_pixels[p]`` on (``L =
-    phase_pixels[-1]``). With ``(sh, sw) = phase_table.shape``, position ``(ih, iw)`` with
-    ``ih + pad_top = i * sh + a`` and ``iw + pad_left = j * sw + b`` belongs to phase ``p =
-    phase_table[a, b]``: ``dst[n, row, ih, iw] = grids[grid_row, n, phase_pixels[p] + (i -
-    first_rows[p]) * grid_w + j] + bias[row]``; a phase without taps (``p == -1``) contributes
-    zero, i.e. ``bias``. Source row ``g * rows_per_group + r`` is grid row ``g *
-    rows_per_group_padded + r``. With one phase and no padding this is a plain crop of the grid
-    to ``dst``'s shape.
+    ``grids`` is the flat (rows_padded, N, ``row_len``) output of ``correlate``, each of its
+    rows holding the phases' grids one after another; ``crops`` (``_conv_plan.phase_crops``)
+    say where each phase's positions lie in a plane of ``dst`` (a phase without taps
+    contributes zero, i.e. ``bias``), as ``write_crops`` writes them. Source row ``g *
+    rows_per_group + r`` is grid row ``g * rows_per_group_padded + r``.
 
     A task writes one (n, row) plane of ``dst``, all its phases, so each cache line of ``dst``
     is written while in cache (one pass per phase wrote every line of a stride-2 output
-    twice, from memory). Plain counted loops over flat arrays with unsigned indices: no
-    negative-index wraparound code, so LLVM vectorises the unit-stride copy and keeps the
-    strided one lean (per-task views and while loops made this copy run at ~2 GB/s).
+    twice, from memory).
     """
     batch, rows, height, width = dst.shape
-    row_len = phase_pixels[phase_pixels.shape[0] - 1]
     dst_flat = dst.reshape(-1)
     for task in prange(batch * rows):
         task_index = np.int64(task)
@@ -191,9 +180,8 @@ def unpack_phases(grids, phase_table, phase_pixels, first_rows, rows_per_group,
         row = task_index - n * rows
         group = row // rows_per_group
         grid_row = group * rows_per_group_padded + row - group * rows_per_group
-        unpack_plane(grids, (grid_row * batch + n) * row_len, phase_table, phase_pixels,
-                     first_rows, grid_w, pad_top, pad_left, bias[row], dst_flat,
-                     (n * rows + row) * height * width, height, width)
+        write_crops(grids, (grid_row * batch + n) * row_len, crops, bias[row], dst_flat,
+                    (n * rows + row) * height * width)
 
 
 @cached_njit()
