@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from ._kernels.conv2d import BLOCKED_COLUMN_STRIDES, ROW_TILE, TAP_TILE
+from ._kernels.conv2d import ROW_TILE, TAP_TILE
 from ._kernels.layout import (gather_blocked_weights, gather_phase_weights,
                              pack_channel_blocks, pack_phases)
 from ._kernels.register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS,
@@ -461,9 +461,10 @@ def blocked_weight_gradient(geometry, itemsize):
 #   one wins (64 channels at 28x28 1.10, at 14x14 1.31; res28 s2 1.12).
 CHANNEL_BLOCKED_MAX_WIDTH = 28  # of x, for strided input gradients
 PARTLY_FILLED_MAX_WIDTH = 20  # of the output lines, for written vectors 7/8 to 15/16 filled
+# the forward's column strides measured channel-blocked (others run on the grid)
+BLOCKED_COLUMN_STRIDES = (1, 2)
 # None: each pass takes the layout the rules above choose; True / False: the channel-blocked
-# layout wherever it is implemented (groups == 1; for the forward, column stride 1 or 2) /
-# nowhere. For tests.
+# layout wherever it is implemented (groups == 1) / nowhere. For tests.
 FORCE_CHANNEL_BLOCKED = None
 
 
@@ -480,10 +481,12 @@ def _blocked_correlation_pays(in_channels, out_channels, out_width, itemsize):
 def blocked_forward(geometry, itemsize):
     """Whether the forward of ``geometry`` runs on the channel-blocked layout."""
     g = geometry
-    if g.groups != 1 or g.stride[1] not in BLOCKED_COLUMN_STRIDES:
+    if g.groups != 1:
         return False
     if FORCE_CHANNEL_BLOCKED is not None:
         return FORCE_CHANNEL_BLOCKED
+    if g.stride[1] not in BLOCKED_COLUMN_STRIDES:
+        return False
     return _blocked_correlation_pays(g.in_channels, g.out_channels, g.out_width, itemsize)
 
 
@@ -531,6 +534,12 @@ class ChannelBlockedPlan:
     per vector; output line ``i`` sums the terms ``line_terms[i]`` (first, count): the tap
     rows that read real input lines (``all_line_terms``: all of them). Neither computes spare
     grid columns.
+
+    The forward's copy stores each line's columns by column stride phase (``column_phases``
+    phases of ``packed_width // column_phases`` pixels), so that its correlation reads
+    consecutive pixels whatever the stride: one kernel for all strides, where one per stride
+    cost 4.7 s more of cold compile for a strided layer (the weight gradient's copy is not
+    split: its tile reads a vector per pixel, at any stride).
     """
 
     def __init__(self, geometry, itemsize):
@@ -548,8 +557,15 @@ class ChannelBlockedPlan:
         self.offsets[:offsets.size] = offsets.reshape(-1)
         # the forward's terms run tap rows outermost (kh, b, kw, lane), so that the tap rows
         # that read an output line's padding rows are a range of terms it can leave out
-        self.term_offsets = blocked_term_offsets(offsets.transpose(1, 0, 2), g.in_channels,
-                                                 self.lanes)
+        self.column_phases = g.stride[1]
+        phase_len = -(-g.padded_width // self.column_phases)
+        self.packed_width = self.column_phases * phase_len
+        column = kw * dw  # of the padded line, stored at its phase's pixel
+        column = column % self.column_phases * phase_len + column // self.column_phases
+        forward_offsets = ((block * g.padded_height + kh * dh) * self.packed_width
+                           + column) * self.lanes
+        self.term_offsets = blocked_term_offsets(forward_offsets.transpose(1, 0, 2),
+                                                 g.in_channels, self.lanes)
         self.line_terms = _line_terms(g.out_height, g.stride[0], dh, kernel_h, g.pad[0],
                                       g.height, self.term_offsets.size // kernel_h)
         # every line summing all terms (padding rows included), and whether that differs

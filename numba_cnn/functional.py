@@ -156,7 +156,7 @@ def _blocked_forward(x, weight, bias, geometry):
     plan = ChannelBlockedPlan.for_geometry(geometry, x.dtype.itemsize)
     matrix, weight_finite = plan.forward_weights(weight)
     packed, slot_images = _blocked_source(x, True, plan.blocks, geometry.padded_height,
-                                          geometry.padded_width, geometry.pad[0],
+                                          plan.packed_width, geometry.pad[0],
                                           geometry.pad[2], plan.lanes)
     # Leaving out the terms that read padding rows would leave out their 0 * inf = NaN too: with
     # a NaN or inf weight every line sums all its terms, so that NaN spreads as in PyTorch.
@@ -164,16 +164,16 @@ def _blocked_forward(x, weight, bias, geometry):
     if plan.skips_padding and not weight_finite:
         line_terms = plan.all_line_terms
     y = np.empty(geometry.output_shape, dtype=x.dtype)
-    _correlate_into(blocked_correlate[geometry.stride[1]], x, geometry.pad[0], geometry.pad[2],
-                    packed, slot_images, plan.term_offsets, line_terms, matrix,
+    _correlate_into(x, geometry.pad[0], geometry.pad[2], plan.column_phases, packed,
+                    slot_images, plan.term_offsets, line_terms, matrix,
                     _bias_values(bias, geometry.out_channels, x.dtype), y, geometry.stride[0],
                     plan.pixel_tiles)
     return y
 
 
-def _correlate_into(kernel, src, pad_top, pad_left, packed, slot_images, term_offsets,
+def _correlate_into(src, pad_top, pad_left, column_phases, packed, slot_images, term_offsets,
                     line_terms, matrix, bias, dst, stride_h, pixel_tiles):
-    """Run ``kernel`` (a ``blocked_correlate``) for all of ``dst`` (N, O, OH, OW), its sums plus
+    """Run ``blocked_correlate`` for all of ``dst`` (N, O, OH, OW), its sums plus
     ``bias``: written by its own tasks from output slots, or, where a line per thread would
     take more memory than the whole blocked output (few, very wide lines and many threads: a
     (1, 64, 1, 16000) signal on 64 threads would need 131 MB of slots for a 4 MB output), into
@@ -182,12 +182,14 @@ def _correlate_into(kernel, src, pad_top, pad_left, packed, slot_images, term_of
     out_blocks, _, lanes = matrix.shape
     slots = _output_slots(batch, out_blocks, out_height, out_width, lanes, dst.dtype)
     if slots is not None:
-        kernel(src, pad_top, pad_left, packed, slot_images, term_offsets, line_terms, matrix,
-               slots, True, bias, dst, stride_h, pixel_tiles)
+        blocked_correlate(src, pad_top, pad_left, column_phases, packed, slot_images,
+                          term_offsets, line_terms, matrix, slots, True, bias, dst, stride_h,
+                          pixel_tiles)
         return
     out = aligned_empty((batch, out_blocks, out_height, out_width, lanes), dst.dtype)
-    kernel(src, pad_top, pad_left, packed, slot_images, term_offsets, line_terms, matrix, out,
-           False, bias, _NO_DST[dst.dtype.type], stride_h, pixel_tiles)
+    blocked_correlate(src, pad_top, pad_left, column_phases, packed, slot_images, term_offsets,
+                      line_terms, matrix, out, False, bias, _NO_DST[dst.dtype.type], stride_h,
+                      pixel_tiles)
     unblock_output(out, bias, dst, 0, 0, 1, 1)
 
 
@@ -228,7 +230,7 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
         (phase,) = plan.phases  # unblocked into grad_x by the correlation's tasks
         matrix = plan.phase_weights(weight, phase.taps_h, phase.taps_w, phase.term_offsets.size)
         grad_x = np.empty(geometry.input_shape, dtype=dtype)
-        _correlate_into(blocked_correlate[1], grad_out, plan.pad_top, plan.pad_left, packed,
+        _correlate_into(grad_out, plan.pad_top, plan.pad_left, 1, packed,
                         slot_images, phase.term_offsets, phase.line_terms, matrix, bias_values,
                         grad_x, 1, tiles[0])
         return grad_x
@@ -246,9 +248,9 @@ def _blocked_input_gradient(grad_out, weight, bias, geometry):
         matrix = plan.phase_weights(weight, phase.taps_h, phase.taps_w, phase.term_offsets.size)
         out = aligned_empty((geometry.batch, plan.channel_blocks, phase.rows, phase.columns,
                              plan.lanes), dtype)
-        blocked_correlate[1](grad_out, plan.pad_top, plan.pad_left, packed, slot_images,
-                             phase.term_offsets, phase.line_terms, matrix, out, False,
-                             bias_values, _NO_DST[dtype.type], 1, tiles[index])
+        blocked_correlate(grad_out, plan.pad_top, plan.pad_left, 1, packed, slot_images,
+                          phase.term_offsets, phase.line_terms, matrix, out, False,
+                          bias_values, _NO_DST[dtype.type], 1, tiles[index])
         pending.append((phase, out))
         del matrix, out
         if index < last and not write_each_phase:

@@ -66,8 +66,7 @@ def test_every_output_position_is_written(case, rng, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_both_layouts_match_reference(case, dtype, channel_blocked, rng, monkeypatch):
     # the shape rules send few of these small cases to the channel-blocked layout: force each
-    # layout wherever it is implemented (the blocked one needs groups == 1, and stride 1 for
-    # the input gradient, column stride <= 2 for the forward)
+    # layout wherever it is implemented (the blocked one needs groups == 1)
     monkeypatch.setattr(_conv_plan, "FORCE_CHANNEL_BLOCKED", channel_blocked)
     monkeypatch.setattr(F, "np", PoisonedEmptyNumpy())
     x, w, b, g = make_inputs(case, rng, dtype)

@@ -449,16 +449,19 @@ def blocked_by_formula(src, lanes, top, left, padded_h, padded_w):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 # pairs of filter blocks and a single one; every tile width and a rest (3 tiles: as even as
-# possible); column strides 1 and 2
+# possible); a row stride, and lines packed in 1, 2 or 3 column phases
 @pytest.mark.parametrize("filter_blocks", [2, 3])
 @pytest.mark.parametrize("out_width", list(range(1, BROADCAST_PIXELS + 1))
                          + [2 * BROADCAST_PIXELS + 3])
-@pytest.mark.parametrize("stride", [(1, 1), (3, 2)])
-def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, stride, dtype, rng):
+@pytest.mark.parametrize("stride_h, column_phases", [(1, 1), (3, 2), (2, 3)])
+def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, stride_h,
+                                                    column_phases, dtype, rng):
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
-    sh, sw = stride
+    sh = stride_h
     batch, blocks, out_height, terms = 3, 2, 3, 7
-    height, width = (out_height - 1) * sh + 2, (out_width - 1) * sw + 3
+    # lines of a multiple of the phases: the packed lines' columns
+    height = (out_height - 1) * sh + 2
+    width = -(-((out_width - 1) * column_phases + 3) // column_phases) * column_phases
     # the kernel packs src itself, image by image: a partial channel block, padding on the top
     # and left, a crop on the right
     top, left = 1, 2
@@ -470,7 +473,7 @@ def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, st
     packed = np.full((slots, blocks, height, width, lanes), np.nan, dtype=dtype)
     if prepacked:
         pack_channel_blocks(src, packed, top, left)
-    reach = ((out_height - 1) * sh * width + (out_width - 1) * sw) * lanes + 1
+    reach = ((out_height - 1) * sh * width + out_width - 1) * lanes + 1
     offsets = rng.integers(0, packed[0].size - reach, size=terms).astype(np.int64)
     weight = rng.standard_normal((filter_blocks, terms, lanes)).astype(dtype)
     # the sums in the blocked layout, or unblocked to NCHW by the tasks (not prepacked), in
@@ -489,12 +492,20 @@ def test_blocked_correlation_kernel_matches_formula(filter_blocks, out_width, st
     line_terms = np.array([[0, terms], [2, terms - 3], [terms, 0]], dtype=np.int64)
     unused = np.full_like(src, np.nan)  # what src is for a prepacked call
     slot_images = np.full(0 if prepacked else slots + 1, -1, dtype=np.int64)
-    blocked_correlate[sw](unused if prepacked else src, top, left, packed, slot_images, offsets,
-                          line_terms, weight, out, unblock, bias, dst, sh,
-                          -(-out_width // BROADCAST_PIXELS))
-    image = blocked_by_formula(src, lanes, top, left, height, width).reshape(batch, -1)
+    blocked_correlate(unused if prepacked else src, top, left, column_phases, packed,
+                      slot_images, offsets, line_terms, weight, out, unblock, bias, dst, sh,
+                      -(-out_width // BROADCAST_PIXELS))
+    image = blocked_by_formula(src, lanes, top, left, height, width)
+    if not prepacked:  # (a prepacked input is the caller's: packed above in one phase)
+        # padded column c at pixel (c % P) * (width / P) + c // P of its line
+        columns = np.arange(width)
+        pixels = columns % column_phases * (width // column_phases) + columns // column_phases
+        phased = np.empty_like(image)
+        phased[:, :, :, pixels] = image
+        image = phased
+    image = image.reshape(batch, -1)
     i, j = np.meshgrid(np.arange(out_height), np.arange(out_width), indexing="ij")
-    starts = (i * sh * width + j * sw) * lanes  # (OH, OW)
+    starts = (i * sh * width + j) * lanes  # (OH, OW)
     reads = image.astype(np.float64)[:, starts[..., None] + offsets]  # (N, OH, OW, T)
     first, count = line_terms[:, :1], line_terms[:, 1:]
     summed = (np.arange(terms) >= first) & (np.arange(terms) < first + count)  # (OH, T)
@@ -513,7 +524,7 @@ def test_blocked_correlation_refuses_slots_or_outputs_that_do_not_fit():
     packed = np.empty((0, 1, 3, 3, 16), dtype=np.float32)
     out = np.empty((1, 1, 3, 3, 16), dtype=np.float32)
     with pytest.raises(ValueError, match="slots"):
-        blocked_correlate[1](src, 0, 0, packed, np.full(1, -1), np.zeros(1, dtype=np.int64),
+        blocked_correlate(src, 0, 0, 1, packed, np.full(1, -1), np.zeros(1, dtype=np.int64),
                              np.array([[0, 1]] * 3), np.ones((1, 1, 16), dtype=np.float32), out,
                              False, np.zeros(16, np.float32),
                              np.empty((0, 0, 0, 0), np.float32), 1, 1)
@@ -521,20 +532,20 @@ def test_blocked_correlation_refuses_slots_or_outputs_that_do_not_fit():
     packed = np.empty((numba.get_num_threads(), 1, 3, 3, 16), dtype=np.float32)
     out_slots = np.empty((0, 2, 1, 3, 16), dtype=np.float32)
     with pytest.raises(ValueError, match="slots"):
-        blocked_correlate[1](src, 0, 0, packed, np.full(packed.shape[0] + 1, -1),
+        blocked_correlate(src, 0, 0, 1, packed, np.full(packed.shape[0] + 1, -1),
                              np.zeros(1, dtype=np.int64), np.array([[0, 1]] * 3),
                              np.ones((1, 1, 16), dtype=np.float32), out_slots, True,
                              np.zeros(16, np.float32), np.empty((1, 16, 3, 3), np.float32), 1, 1)
     # unblocking into a dst of another shape than the sums
     with pytest.raises(ValueError, match="do not fit"):
-        blocked_correlate[1](src, 0, 0, packed, np.full(packed.shape[0] + 1, -1),
+        blocked_correlate(src, 0, 0, 1, packed, np.full(packed.shape[0] + 1, -1),
                              np.zeros(1, dtype=np.int64), np.array([[0, 1]] * 3),
                              np.ones((1, 1, 16), dtype=np.float32),
                              np.empty((packed.shape[0], 2, 1, 3, 16), dtype=np.float32), True,
                              np.zeros(16, np.float32), np.empty((1, 16, 3, 4), np.float32), 1, 1)
     # unblocking a prepacked input (no bookkeeping): no slots to unblock from
     with pytest.raises(ValueError, match="slot per thread"):
-        blocked_correlate[1](src, 0, 0, packed, np.full(0, -1), np.zeros(1, dtype=np.int64),
+        blocked_correlate(src, 0, 0, 1, packed, np.full(0, -1), np.zeros(1, dtype=np.int64),
                              np.array([[0, 1]] * 3), np.ones((1, 1, 16), dtype=np.float32),
                              np.empty((packed.shape[0], 2, 1, 3, 16), dtype=np.float32), True,
                              np.zeros(16, np.float32), np.empty((1, 16, 3, 3), np.float32), 1, 1)

@@ -40,7 +40,6 @@ Conventions shared by the grid kernels (established by ``numba_cnn._conv_plan``)
   IR tiles do not check, so under NUMBA_BOUNDSCHECK the drivers check the range once per call.
 - Kernels never validate their arguments.
 """
-import types
 
 import numpy as np
 from numba import get_thread_id, njit, prange
@@ -50,7 +49,7 @@ from . import cached_njit
 from .layout import image_in_slot, pack_grid_image, unblock_run
 from .register_tile import ROWS as ROW_TILE
 from .register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS, REDUCE_TAPS,
-                            SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS, build_broadcast_runner,
+                            SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS, run_broadcast_tile,
                             run_outer_tile, run_reduce_tile_4_rows, run_tile_1_row,
                             run_tile_4_rows)
 
@@ -424,7 +423,7 @@ def _build_drivers(build):
                     image_start = n * image_len
                 else:
                     image_start = image_in_slot(src, n, packed, slot_images, slot, pad_top,
-                                                pad_left)
+                                                pad_left, 1)
                 for line_block in range(line_blocks):
                     first_line = line_block * block_lines
                     lines = min(block_lines, out_height - first_line)
@@ -446,26 +445,15 @@ def _build_drivers(build):
         if not prepacked and slot_images[slots] > 0:
             raise ValueError("blocked_grad_weight: fewer packing slots than threads")
 
-    return correlate, correlate_grad_weight, blocked_grad_weight
-
-
-correlate, correlate_grad_weight, blocked_grad_weight = _build_drivers(
-    (CHECK_BOUNDS, SOURCE_FINGERPRINT))
-
-
-def _build_blocked_correlate(build):
-    """The channel-blocked correlation for column stride ``build[2]`` (a literal of its tile);
-    ``build`` = (check bounds, register_tile.SOURCE_FINGERPRINT, column stride), the cache key
-    as in ``_build_drivers``."""
-    check_bounds = build[0]  # (see _build_drivers)
-
-    def blocked_correlate(src, pad_top, pad_left, packed, slot_images, offsets, line_terms,
-                          weight, out, unblock, bias, dst, stride_h, pixel_tiles):
-        """Set ``sums[n, b, i, j, lane] = sum_t image_flat[(i * stride_h * W + j * stride_w)
-        * LANES + offsets[t]] * weight[b, t, lane]``, ``stride_w = build[2]``, the sum over the
-        ``line_terms[i, 1]`` terms from ``line_terms[i, 0]`` on, where ``image_flat`` is image
-        ``n`` of ``src`` in the channel-blocked layout, padded: ``layout.pack_channel_image(src,
-        n, ..., pad_top, pad_left)``. Unless ``unblock``, the sums are ``out`` (N, FB, OH, OW,
+    @cached_njit(parallel=True)
+    def blocked_correlate(src, pad_top, pad_left, column_phases, packed, slot_images, offsets,
+                          line_terms, weight, out, unblock, bias, dst, stride_h, pixel_tiles):
+        """Set ``sums[n, b, i, j, lane] = sum_t image_flat[(i * stride_h * W + j) * LANES
+        + offsets[t]] * weight[b, t, lane]``, the sum over the ``line_terms[i, 1]`` terms from
+        ``line_terms[i, 0]`` on, where ``image_flat`` is image ``n`` of ``src`` in the
+        channel-blocked layout, padded, its lines' columns in ``column_phases`` phases:
+        ``layout.pack_channel_image(src, n, ..., pad_top, pad_left, column_phases)``. (Pixels
+        are consecutive: a column stride is the offsets' business, with a phase per stride.) Unless ``unblock``, the sums are ``out`` (N, FB, OH, OW,
         LANES), overwritten. With ``unblock``, ``dst[n, b * LANES + lane, i, j] = sums[n, b, i,
         j, lane] + bias[b * LANES + lane]`` for dst (N, O, OH, OW), NCHW, and bias (O,); ``out``
         (S, BROADCAST_VECTORS, L, OW, LANES) is then scratch for L output lines per thread.
@@ -474,7 +462,8 @@ def _build_blocked_correlate(build):
         in the blocked layout per thread (S = ``numba.get_num_threads()``), with
         ``slot_images`` (S + 1,) int64 set to -1 (it is overwritten); or all N images already
         packed (prepacked), with ``slot_images`` of size 0, and then src and the pads are not
-        used (nor can the sums be unblocked); offsets : (T,) int64, one per term, a (channel,
+        used (nor can the sums be unblocked, and the packing's ``column_phases`` is the
+        caller's); offsets : (T,) int64, one per term, a (channel,
         tap) pair; line_terms : (OH, 2) int64; weight : (FB, T, LANES), LANES filters per block.
 
         A task is one (image, filter-block pair, range of output lines: one, or L unblocking)
@@ -503,7 +492,6 @@ def _build_blocked_correlate(build):
         pairs = (filter_blocks + BROADCAST_VECTORS - 1) // BROADCAST_VECTORS
         image_len = blocks * height * width * lanes
         line_stride = stride_h * width * lanes
-        pixel_step = build[2] * lanes
         out_vector_stride = out.shape[2] * out_width * lanes
         packed_flat = packed.reshape(-1)
         weight_flat = weight.reshape(-1)
@@ -520,7 +508,7 @@ def _build_blocked_correlate(build):
             raise ValueError("blocked_correlate: dst or the output slots do not fit the sums")
         if check_bounds and build[0]:  # NUMBA_BOUNDSCHECK (build: in the cache key)
             _check_reads(packed_flat, offsets, (slots - 1) * image_len
-                         + (out_height - 1) * line_stride, (out_width - 1) * pixel_step + 1)
+                         + (out_height - 1) * line_stride, (out_width - 1) * lanes + 1)
         for task in prange(batch * pairs * line_ranges):
             if prepacked:  # pairs outermost: a thread's next tasks reuse the weights, in L2
                 pair = np.int64(task) // (batch * line_ranges)
@@ -536,7 +524,7 @@ def _build_blocked_correlate(build):
                     slot_images[slots] = 1  # raised below: a raise in the loop would make it
                     continue                # serial
                 image_start = image_in_slot(src, n, packed, slot_images, slot, pad_top,
-                                            pad_left)
+                                            pad_left, column_phases)
             first_block = pair * BROADCAST_VECTORS
             vectors = min(BROADCAST_VECTORS, filter_blocks - first_block)
             first_line = line_range * task_lines
@@ -554,7 +542,7 @@ def _build_blocked_correlate(build):
                 for tile in range(pixel_tiles):
                     pixels = _tile_width(out_width, pixel_tiles, tile)
                     run_broadcast_tile(vectors, pixels, packed_flat,
-                                       image_start + i * line_stride + j * pixel_step,
+                                       image_start + i * line_stride + j * lanes,
                                        line_offsets, weight_flat,
                                        (first_block * terms + first_term) * lanes,
                                        terms * lanes, out_flat,
@@ -572,19 +560,8 @@ def _build_blocked_correlate(build):
         if not prepacked and slot_images[slots] > 0:
             raise ValueError("blocked_correlate: fewer slots than threads")
 
-    # The stride's tile runner is a global of this copy of the function, not a closure value:
-    # Numba keys its cache on the closure values, and a dispatcher in the closure pickles
-    # differently in every process (the cache would never hit); a constant branch on the
-    # stride between two runners still compiled both (+1.5 s).
-    scope = dict(blocked_correlate.__globals__,
-                 run_broadcast_tile=build_broadcast_runner(build[2]))
-    function = types.FunctionType(blocked_correlate.__code__, scope, blocked_correlate.__name__,
-                                  None, blocked_correlate.__closure__)
-    function.__qualname__ = blocked_correlate.__qualname__
-    return cached_njit(parallel=True)(function)
+    return correlate, correlate_grad_weight, blocked_grad_weight, blocked_correlate
 
 
-# the channel-blocked correlation by column stride (others run on the grid)
-BLOCKED_COLUMN_STRIDES = (1, 2)
-blocked_correlate = {stride: _build_blocked_correlate((CHECK_BOUNDS, SOURCE_FINGERPRINT, stride))
-                     for stride in BLOCKED_COLUMN_STRIDES}
+correlate, correlate_grad_weight, blocked_grad_weight, blocked_correlate = _build_drivers(
+    (CHECK_BOUNDS, SOURCE_FINGERPRINT))

@@ -241,37 +241,51 @@ def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix, fi
 
 @njit
 def _pack_channel_line(src_flat, dst_flat, line_start, n, block, i, src_shape, padded_width,
-                       lanes, pad_left):
+                       lanes, pad_left, column_phases):
     """Fill the ``padded_width * lanes`` elements of ``dst_flat`` from ``line_start`` on with line
     ``i`` (a row of src when ``0 <= i < H``) of channel block ``block`` of image ``n`` of
     ``src_flat``, the flat (N, C, H, W) ``src_shape`` array: the padding with zeros, then pixel
     by pixel the LANES channels, read from LANES source rows (one vector store per pixel; a
     strided store per element, channel by channel, ran at 0.53 ms for res56's input against
-    0.40). A negative ``pad_left`` crops."""
+    0.40). A negative ``pad_left`` crops.
+
+    With ``column_phases`` P > 1 the line's columns are stored phase by phase: padded column
+    ``c`` at pixel ``(c % P) * (padded_width // P) + c // P`` (``padded_width`` a multiple of
+    P), so that a correlation with column stride P reads each phase at stride 1."""
     _, channels, height, width = src_shape
     zero = dst_flat.dtype.type(0)
     line_len = padded_width * lanes
+    phase_len = padded_width // column_phases
     # the source columns that land inside the line
     first = max(0, -pad_left)
     stop = max(first, min(width, padded_width - pad_left))
     valid_lanes = min(lanes, channels - block * lanes)
-    if i < 0 or i >= height or valid_lanes < lanes:
+    zeroed = i < 0 or i >= height or valid_lanes < lanes
+    if zeroed:
         for element in range(line_len):
             dst_flat[line_start + np.uint64(element)] = zero
         if i < 0 or i >= height:
             return
-    else:  # the padding columns only (a left pad can reach past the line: clamped)
-        for element in range(min((first + pad_left) * lanes, line_len)):
-            dst_flat[line_start + np.uint64(element)] = zero
-        for element in range((stop + pad_left) * lanes, line_len):
-            dst_flat[line_start + np.uint64(element)] = zero
     plane = np.uint64(height * width)
     rows = np.uint64(((n * channels + block * lanes) * height + i) * width)
-    for j in range(first, stop):
-        target = line_start + np.uint64((j + pad_left) * lanes)
-        for lane in range(valid_lanes):
-            dst_flat[target + np.uint64(lane)] = src_flat[rows + np.uint64(lane) * plane
-                                                          + np.uint64(j)]
+    for phase in range(column_phases):
+        phase_start = line_start + np.uint64(phase * phase_len * lanes)
+        # the phase's pixels p (padded column phase + p * P) that hold source columns; a left
+        # pad can reach past the line: clamped
+        first_pixel = min(phase_len, max(0, -(-(first + pad_left - phase) // column_phases)))
+        stop_pixel = min(phase_len, max(first_pixel,
+                                        -(-(stop + pad_left - phase) // column_phases)))
+        if not zeroed:  # the padding columns only
+            for element in range(first_pixel * lanes):
+                dst_flat[phase_start + np.uint64(element)] = zero
+            for element in range(stop_pixel * lanes, phase_len * lanes):
+                dst_flat[phase_start + np.uint64(element)] = zero
+        for pixel in range(first_pixel, stop_pixel):
+            j = phase + pixel * column_phases - pad_left
+            target = phase_start + np.uint64(pixel * lanes)
+            for lane in range(valid_lanes):
+                dst_flat[target + np.uint64(lane)] = src_flat[rows + np.uint64(lane) * plane
+                                                              + np.uint64(j)]
 
 
 @cached_njit(parallel=True)
@@ -289,35 +303,35 @@ def pack_channel_blocks(src, dst, pad_top, pad_left):
         block = (line // padded_height) - n * blocks
         i = line - (n * blocks + block) * padded_height - pad_top
         _pack_channel_line(src_flat, dst_flat, np.uint64(line * padded_width * lanes), n, block,
-                           i, src.shape, padded_width, lanes, pad_left)
+                           i, src.shape, padded_width, lanes, pad_left, 1)
 
 
 @njit
 def pack_channel_image(src, n, dst_flat, image_start, blocks, padded_height, padded_width,
-                       lanes, pad_top, pad_left):
+                       lanes, pad_top, pad_left, column_phases):
     """``pack_channel_blocks`` for image ``n`` alone, on the calling thread: its (blocks,
     padded_height, padded_width, lanes) blocked layout into ``dst_flat`` from ``image_start``
-    on."""
+    on, each line's columns in ``column_phases`` phases (``_pack_channel_line``)."""
     src_flat = src.reshape(-1)
     line_len = padded_width * lanes
     for line in range(blocks * padded_height):
         block = line // padded_height
         _pack_channel_line(src_flat, dst_flat, np.uint64(image_start + line * line_len), n,
                            block, line - block * padded_height - pad_top, src.shape,
-                           padded_width, lanes, pad_left)
+                           padded_width, lanes, pad_left, column_phases)
 
 
 @njit
-def image_in_slot(src, n, packed, slot_images, slot, pad_top, pad_left):
+def image_in_slot(src, n, packed, slot_images, slot, pad_top, pad_left, column_phases):
     """Where image ``n`` of ``src`` starts in the flat ``packed`` (S, CB, H, W, LANES): in slot
-    ``slot``, packed there first (``pack_channel_image``) unless ``slot_images[slot]`` says the
-    slot holds it already, and recorded there. The per-thread packing of the blocked
+    ``slot``, packed there first (``pack_channel_image``, lines in ``column_phases``) unless
+    ``slot_images[slot]`` says the slot holds it already, and recorded there. The per-thread packing of the blocked
     kernels: each thread calls it with its own slot only."""
     _, blocks, height, width, lanes = packed.shape
     image_start = slot * blocks * height * width * lanes
     if slot_images[slot] != n:
         pack_channel_image(src, n, packed.reshape(-1), image_start, blocks, height, width,
-                           lanes, pad_top, pad_left)
+                           lanes, pad_top, pad_left, column_phases)
         slot_images[slot] = n
     return image_start
 

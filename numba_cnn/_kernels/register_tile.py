@@ -474,21 +474,22 @@ BROADCAST_PIXELS = 14 if VECTOR_BYTES == 64 else 6
 BROADCAST_VECTORS = 2
 
 
-def _build_broadcast_tile(pixels, vectors, pixel_stride):
+def _build_broadcast_tile(pixels, vectors):
     """An intrinsic ``broadcast_tile(src, src_start, offsets, weight, weight_start,
     weight_vector_stride, out, out_start, out_vector_stride, terms)`` setting
 
         out[out_start + v * out_vector_stride + j * LANES + lane] =
-            sum_{t < terms}  src[src_start + offsets[t] + j * pixel_stride * LANES]
+            sum_{t < terms}  src[src_start + offsets[t] + j * LANES]
                              * weight[weight_start + v * weight_vector_stride + t * LANES + lane]
 
     for ``v < vectors``, ``j < pixels`` and every ``lane < LANES``, summed over ``t`` in order,
     one FMA per term: the correlation of the channel-blocked layout, whose vector lanes are
     LANES output channels. A term is one input channel at one tap; per term the tile loads
     ``vectors`` weight vectors and broadcasts ``pixels`` input values, for ``pixels * vectors``
-    FMAs. ``pixel_stride`` (the convolution's column stride) is a literal, so every broadcast
-    address is the term's offset plus a constant: with a run-time stride the pixels' pointers
-    did not fit the 16 general registers (196 instead of 332 GFLOP/s on res14).
+    FMAs. The pixels are consecutive vectors, so every broadcast address is the term's offset
+    plus a constant: with a run-time pixel stride their pointers did not fit the 16 general
+    registers (196 instead of 332 GFLOP/s on res14). A column-strided correlation reads an input
+    whose lines are stored by stride phase (``layout._pack_channel_line``) instead.
     """
     @intrinsic
     def broadcast_tile(typingctx, src, src_start, offsets, weight, weight_start,
@@ -515,7 +516,7 @@ def _build_broadcast_tile(pixels, vectors, pixel_stride):
                            for row in weight_rows]
                 for j in range(pixels):
                     value = emit.broadcast(builder.load(builder.gep(
-                        term_src, [emit.constant(j * pixel_stride * lanes)])))
+                        term_src, [emit.constant(j * lanes)])))
                     for v in range(vectors):
                         emit.accumulate(accumulators[v][j], weights[v], value)
             for v, out_row in enumerate(out_rows):
@@ -528,12 +529,11 @@ def _build_broadcast_tile(pixels, vectors, pixel_stride):
     return broadcast_tile
 
 
-def _python_broadcast_tile(pixels, vectors, pixel_stride):
+def _python_broadcast_tile(pixels, vectors):
     """``_build_broadcast_tile``'s computation in NumPy, for runs with NUMBA_DISABLE_JIT."""
     def broadcast_tile(src, src_start, offsets, weight, weight_start, weight_vector_stride, out,
                        out_start, out_vector_stride, terms):
         lanes = VECTOR_BYTES // src.itemsize
-        step = pixel_stride * lanes
         for v in range(vectors):
             row = weight_start + v * weight_vector_stride
             _check_range(weight, row, row + terms * lanes)
@@ -541,7 +541,7 @@ def _python_broadcast_tile(pixels, vectors, pixel_stride):
             target = out_start + v * out_vector_stride
             _check_range(out, target, target + pixels * lanes)
             for j in range(pixels):
-                reads = src_start + offsets[:terms] + j * step
+                reads = src_start + offsets[:terms] + j * lanes
                 if terms:
                     _check_range(src, reads.min(), reads.max() + 1)
                 out[target + j * lanes:target + (j + 1) * lanes] = src[reads] @ matrix
@@ -551,14 +551,13 @@ def _python_broadcast_tile(pixels, vectors, pixel_stride):
 _build_broadcast = _python_broadcast_tile if config.DISABLE_JIT else _build_broadcast_tile
 
 
-def build_broadcast_runner(pixel_stride):
+def _build_broadcast_runner():
     """``run_broadcast_tile(vectors, pixels, src, src_start, offsets, weight, weight_start,
     weight_vector_stride, out, out_start, out_vector_stride, terms)``: the broadcast tile of
-    ``vectors`` (1 or BROADCAST_VECTORS) x ``pixels`` (1..BROADCAST_PIXELS) for a literal
-    ``pixel_stride``."""
+    ``vectors`` (1 or BROADCAST_VECTORS) x ``pixels`` (1..BROADCAST_PIXELS)."""
     arguments = ("src", "src_start", "offsets", "weight", "weight_start",
                  "weight_vector_stride", "out", "out_start", "out_vector_stride", "terms")
-    by_pixels = [_literal_dispatch({pixels: _build_broadcast(pixels, vectors, pixel_stride)
+    by_pixels = [_literal_dispatch({pixels: _build_broadcast(pixels, vectors)
                                     for pixels in range(BROADCAST_PIXELS, 0, -1)}, arguments)
                  for vectors in (1, BROADCAST_VECTORS)]
     one_vector, two_vectors = by_pixels
@@ -574,3 +573,6 @@ def build_broadcast_runner(pixel_stride):
                        weight_vector_stride, out, out_start, out_vector_stride, terms)
 
     return run_broadcast_tile
+
+
+run_broadcast_tile = _build_broadcast_runner()
