@@ -302,8 +302,10 @@ def pack_channel_blocks(src, dst, pad_top, pad_left):
         n = line // (blocks * padded_height)
         block = (line // padded_height) - n * blocks
         i = line - (n * blocks + block) * padded_height - pad_top
+        # (an int64 column phase, as in the blocked kernels' packing: the literal 1 compiled the
+        # line helper again)
         _pack_channel_line(src_flat, dst_flat, np.uint64(line * padded_width * lanes), n, block,
-                           i, src.shape, padded_width, lanes, pad_left, 1)
+                           i, src.shape, padded_width, lanes, pad_left, np.int64(1))
 
 
 @njit
