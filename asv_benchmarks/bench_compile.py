@@ -28,6 +28,14 @@ layer = Conv2D(16, 32, 3, padding=1, rng=0)
 x = rng.standard_normal((4, 16, 28, 28)).astype(np.float32)
 y = layer.forward(x); layer.backward(np.ones_like(y))
 """),
+    # a strided layer wider than 28: channel-blocked forward, grid input gradient (a layer whose
+    # passes use both layouts compiles both correlation kernels)
+    "conv2d_stride2": ("numba_cnn.layers", ("Conv2D",), """
+from numba_cnn.layers import Conv2D
+layer = Conv2D(64, 64, 3, stride=2, padding=1, rng=0)
+x = rng.standard_normal((2, 64, 32, 32)).astype(np.float32)
+y = layer.forward(x); layer.backward(np.ones_like(y))
+"""),
     "conv_transpose2d": ("numba_cnn.functional", ("conv_transpose2d",
                                                   "conv_transpose2d_backward"), """
 from numba_cnn import functional as F
