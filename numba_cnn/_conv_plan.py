@@ -458,7 +458,11 @@ def blocked_weight_gradient(geometry, itemsize):
 # - strided input gradients of images wider than CHANNEL_BLOCKED_MAX_WIDTH (one correlation
 #   per stride phase, over one shared packed gradient): res56 s2 0.94, 64 channels at 32x32
 #   0.99, 56x56 with a 4x4 kernel 0.97, 128 channels at 56x56 0.99; at 28 and below the blocked
-#   one wins (64 channels at 28x28 1.10, at 14x14 1.31; res28 s2 1.12).
+#   one wins (64 channels at 28x28 1.10, at 14x14 1.31; res28 s2 1.12). Since the grid's input
+#   gradient computes all phases in one correlation, res56 s2 reads 0.82 (the transposed
+#   ct28op's and dcgan's forwards 0.82 and 0.92). Such a layer runs its forward on one layout
+#   and its input gradient on the other, so it compiles both correlations (18.4 s cold for 64
+#   channels at 32x32 against 13-14 s); the forward on the grid too was 0.86 for res56 s2.
 CHANNEL_BLOCKED_MAX_WIDTH = 28  # of x, for strided input gradients
 PARTLY_FILLED_MAX_WIDTH = 20  # of the output lines, for written vectors 7/8 to 15/16 filled
 # the forward's column strides measured channel-blocked (others run on the grid)

@@ -455,18 +455,19 @@ def _build_drivers(build):
         ``line_terms[i, 0]`` on, where ``image_flat`` is image ``n`` of ``src`` in the
         channel-blocked layout, padded, its lines' columns in ``column_phases`` phases:
         ``layout.pack_channel_image(src, n, ..., pad_top, pad_left, column_phases)``. (Pixels
-        are consecutive: a column stride is the offsets' business, with a phase per stride.) Unless ``unblock``, the sums are ``out`` (N, FB, OH, OW,
-        LANES), overwritten. With ``unblock``, ``dst[n, b * LANES + lane, i, j] = sums[n, b, i,
-        j, lane] + bias[b * LANES + lane]`` for dst (N, O, OH, OW), NCHW, and bias (O,); ``out``
-        (S, BROADCAST_VECTORS, L, OW, LANES) is then scratch for L output lines per thread.
+        are consecutive: a column stride is the offsets' business, with a phase per stride.)
+        Unless ``unblock``, the sums are ``out`` (N, FB, OH, OW, LANES), overwritten. With
+        ``unblock``, ``dst[n, b * LANES + lane, i, j] = sums[n, b, i, j, lane] + bias[b * LANES
+        + lane]`` for dst (N, O, OH, OW), NCHW, and bias (O,); ``out`` (S, BROADCAST_VECTORS, L,
+        OW, LANES) is then scratch for L output lines per thread.
 
         src : (N, C, H0, W0), as given; packed : (S, CB, H, W, LANES), scratch for one image
         in the blocked layout per thread (S = ``numba.get_num_threads()``), with
         ``slot_images`` (S + 1,) int64 set to -1 (it is overwritten); or all N images already
         packed (prepacked), with ``slot_images`` of size 0, and then src and the pads are not
         used (nor can the sums be unblocked, and the packing's ``column_phases`` is the
-        caller's); offsets : (T,) int64, one per term, a (channel,
-        tap) pair; line_terms : (OH, 2) int64; weight : (FB, T, LANES), LANES filters per block.
+        caller's); offsets : (T,) int64, one per term, a (channel, tap) pair; line_terms : (OH,
+        2) int64; weight : (FB, T, LANES), LANES filters per block.
 
         A task is one (image, filter-block pair, range of output lines: one, or L unblocking)
         item, in that order; the threads take contiguous ranges of them, handed out

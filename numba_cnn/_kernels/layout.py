@@ -327,8 +327,8 @@ def pack_channel_image(src, n, dst_flat, image_start, blocks, padded_height, pad
 def image_in_slot(src, n, packed, slot_images, slot, pad_top, pad_left, column_phases):
     """Where image ``n`` of ``src`` starts in the flat ``packed`` (S, CB, H, W, LANES): in slot
     ``slot``, packed there first (``pack_channel_image``, lines in ``column_phases``) unless
-    ``slot_images[slot]`` says the slot holds it already, and recorded there. The per-thread packing of the blocked
-    kernels: each thread calls it with its own slot only."""
+    ``slot_images[slot]`` says the slot holds it already, and recorded there. The per-thread
+    packing of the blocked kernels: each thread calls it with its own slot only."""
     _, blocks, height, width, lanes = packed.shape
     image_start = slot * blocks * height * width * lanes
     if slot_images[slot] != n:
