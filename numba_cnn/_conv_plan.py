@@ -554,7 +554,17 @@ class ChannelBlockedPlan:
         self.blocks = -(-g.in_channels // self.lanes)
         block, kh, kw = np.meshgrid(np.arange(self.blocks), np.arange(kernel_h),
                                     np.arange(kernel_w), indexing="ij")
-        offsets = ((block * g.padded_height + kh * dh) * g.padded_width + kw * dw) * self.lanes
+
+        def tap_offsets(column_phases):
+            """(blocks, KH, KW): where tap (b, kh, kw) reads, relative to an output pixel's
+            position, in lines of ``column_phases`` phases (padded column ``c`` at pixel ``c %
+            P * (line // P) + c // P``), and the lines' length in pixels."""
+            phase_len = -(-g.padded_width // column_phases)
+            line = column_phases * phase_len
+            column = kw * dw % column_phases * phase_len + kw * dw // column_phases
+            return ((block * g.padded_height + kh * dh) * line + column) * self.lanes, line
+
+        offsets, _ = tap_offsets(1)
         # an even number of taps for the tiles of 6, 4 or 2; a padding tap reads real data and
         # its (discarded) result lands in a column of its own
         self.offsets = np.zeros(round_up(offsets.size, 2), dtype=np.int64)
@@ -562,12 +572,7 @@ class ChannelBlockedPlan:
         # the forward's terms run tap rows outermost (kh, b, kw, lane), so that the tap rows
         # that read an output line's padding rows are a range of terms it can leave out
         self.column_phases = g.stride[1]
-        phase_len = -(-g.padded_width // self.column_phases)
-        self.packed_width = self.column_phases * phase_len
-        column = kw * dw  # of the padded line, stored at its phase's pixel
-        column = column % self.column_phases * phase_len + column // self.column_phases
-        forward_offsets = ((block * g.padded_height + kh * dh) * self.packed_width
-                           + column) * self.lanes
+        forward_offsets, self.packed_width = tap_offsets(self.column_phases)
         self.term_offsets = blocked_term_offsets(forward_offsets.transpose(1, 0, 2),
                                                  g.in_channels, self.lanes)
         self.line_terms = _line_terms(g.out_height, g.stride[0], dh, kernel_h, g.pad[0],
