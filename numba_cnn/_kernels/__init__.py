@@ -3,6 +3,8 @@ import warnings
 
 from numba import njit
 
+from . import _linking  # noqa: F401  (compiles our parallel kernels' wrappers once: see there)
+
 
 def cached_njit(**options):
     """``numba.njit(cache=True, **options)``, or without the cache where none can be written.
