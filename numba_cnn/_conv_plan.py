@@ -238,6 +238,30 @@ class ForwardPlan:
         return pack_grid(x, g.in_channels, g.in_channels, 1, (g.pad[0], g.pad[2]), g.stride,
                          (self.grid_h, self.grid_w), self.image_len, self.read_span)
 
+    pack_source = pack_input  # the name ``functional._correlate_grid_into`` packs with
+
+    @property
+    def packs_per_task(self):
+        """Whether the forward's tasks can pack x image by image as ``pack_input`` packs it
+        (``layout.pack_grid_image``: one stride phase)."""
+        return self.geometry.stride == (1, 1)
+
+    def grid_image_stride(self):
+        """Elements per image of ``pack_input``'s grid."""
+        return Grid.image_stride_of(self.geometry.in_channels, 1, self.image_len,
+                                    self.read_span)
+
+    def grid_slots(self, threads, dtype):
+        """Room for one image of ``pack_input``'s grid (stride 1) per thread, the tails zero:
+        slots for ``correlate``'s per-thread packing."""
+        return Grid(self.geometry.in_channels, 1, threads, self.image_len, self.read_span, dtype)
+
+    @property
+    def packing(self):
+        """``correlate``'s ``packing``: ``pack_input``'s (stride 1), one image at a time."""
+        g = self.geometry
+        return (g.in_channels, g.pad[0], g.pad[2], self.grid_h, self.grid_w, self.image_len)
+
     def packed_image_bytes(self, itemsize, input_grid):
         """Bytes per image that the weight gradient packs: the output gradient's grid, and the
         input grid if ``input_grid``."""
@@ -371,7 +395,7 @@ class InputGradPlan:
                                block_shape))
         return phases
 
-    def pack_grad_output(self, grad_out):
+    def pack_source(self, grad_out):
         """The output gradient's grid, of all of it or of a part of its batch."""
         g = self.geometry
         return pack_grid(grad_out, g.out_channels, g.out_channels, 1,
@@ -379,19 +403,19 @@ class InputGradPlan:
                          self.image_len, self.read_span)
 
     def grid_image_stride(self):
-        """Elements per image of ``pack_grad_output``'s grid."""
+        """Elements per image of ``pack_source``'s grid."""
         return Grid.image_stride_of(self.geometry.out_channels, 1, self.image_len,
                                     self.read_span)
 
     def grid_slots(self, threads, dtype):
-        """Room for one image of ``pack_grad_output``'s grid per thread, the tails zero: slots
+        """Room for one image of ``pack_source``'s grid per thread, the tails zero: slots
         for ``correlate``'s per-thread packing."""
         return Grid(self.geometry.out_channels, 1, threads, self.image_len, self.read_span,
                     dtype)
 
     @property
     def packing(self):
-        """``correlate``'s ``packing``: ``pack_grad_output``'s, one image at a time."""
+        """``correlate``'s ``packing``: ``pack_source``'s, one image at a time."""
         return (self.geometry.out_channels, self.margin_h, self.margin_w, self.grid_h,
                 self.grid_w, self.image_len)
 

@@ -99,10 +99,10 @@ def _conv2d_forward(x, weight, bias, geometry, grid=None):
     if grid is None and blocked_forward(geometry, x.dtype.itemsize):
         return _blocked_forward(x, weight, bias, geometry)
     plan = ForwardPlan.for_geometry(geometry)
-    grid = plan.pack_input(x) if grid is None else grid
-    assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
+    if grid is None and not plan.packs_per_task:
+        grid = plan.pack_input(x)
     y = np.empty(geometry.output_shape, dtype=x.dtype)
-    _correlate_grid_into(grid, None, plan, plan.weight_matrix(weight), [plan.block_shape],
+    _correlate_grid_into(grid, x, plan, plan.weight_matrix(weight), [plan.block_shape],
                          _bias_values(bias, geometry.out_channels, x.dtype), y)
     return y
 
@@ -113,7 +113,7 @@ def _correlate_grid_into(grid, src, plan, matrix, block_shapes, bias, dst):
     plus ``bias``: by its own tasks from output slots,
     or, where a task per thread would take more memory than the whole output grid (fewer tasks
     than threads), through the grid and ``unpack_phases``. It reads ``grid``, packed; or, if
-    that is None, ``src`` as the plan's ``pack_grad_output`` packs it, which the tasks pack
+    that is None, ``src`` as the plan's ``pack_source`` packs it, which the tasks pack
     image by image into a slot of their thread (with output slots). ``block_shapes``: each
     phase's ``correlation_blocking`` description of its taps."""
     batch, outputs = dst.shape[:2]
@@ -136,7 +136,7 @@ def _correlate_grid_into(grid, src, plan, matrix, block_shapes, bias, dst):
         correlate(room.data, room.image_stride, *arguments, slots, *unpacking, True, bias, dst,
                   plan.crops, src, np.full(threads + 1, -1, dtype=np.int64), plan.packing)
         return
-    grid = plan.pack_grad_output(src) if grid is None else grid
+    grid = plan.pack_source(src) if grid is None else grid
     assert grid.zero_offset == plan.zero_offset  # the offsets' padding taps read zeros
     no_packing = (_NO_DST[dst.dtype.type], _NOT_PACKED, _NO_PACKING)
     if slots is not None:
