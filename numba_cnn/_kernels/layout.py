@@ -493,7 +493,9 @@ def unblock_output(blocked, bias, dst, first_row, first_column, row_step, column
         out_block = task - n * out_blocks
         valid_lanes = min(lanes, outputs - out_block * lanes)
         for i in range(out_height):
-            source = np.uint64((task * out_height + i) * out_width * lanes)
+            # (int64 here, uint64 below: unblock_run's start is an int64 in blocked_correlate
+            # too, so it compiles once, not once per type)
+            source = (task * out_height + i) * out_width * lanes
             row_start = (first_row + i * row_step) * width + first_column
             if column_step == 1:  # unit-stride stores (the strided loop: 20% slower)
                 unblock_run(blocked_flat, source, out_width, lanes, bias, out_block * lanes,
@@ -507,4 +509,4 @@ def unblock_output(blocked, bias, dst, first_row, first_column, row_step, column
                 value = bias[o]
                 for j in range(out_width):
                     dst_flat[target + np.uint64(j * column_step)] = (
-                        blocked_flat[source + np.uint64(j * lanes + lane)] + value)
+                        blocked_flat[np.uint64(source + j * lanes + lane)] + value)
