@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 SCRIPT = """
 import json
 import numba
@@ -76,9 +74,8 @@ def test_our_parallel_kernels_generate_no_wrapper_code_and_others_are_untouched(
     assert compiled["ours_loaded"] == 0 and loaded["ours_loaded"] == 1
 
 
-@pytest.mark.parametrize("setting", ["0"])
-def test_numba_cnn_link_once_0_turns_the_hook_off(tmp_path, setting):
-    compiled = _run(tmp_path, NUMBA_CNN_LINK_ONCE=setting)
+def test_numba_cnn_link_once_0_turns_the_hook_off(tmp_path):
+    compiled = _run(tmp_path, NUMBA_CNN_LINK_ONCE="0")
     assert not compiled["supported"]
     assert compiled["ours_right"]
     assert len(_wrappers(compiled["ours"])) == 2, compiled["ours"]
