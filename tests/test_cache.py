@@ -42,17 +42,64 @@ def test_second_process_loads_kernels_from_cache(tmp_path):
     assert any(tmp_path.rglob("*.nbi")), "no cache index was written"
 
 
-def test_cache_key_covers_the_inlined_register_tiles():
+def test_cache_key_covers_the_inlined_register_tiles_and_layout_helpers():
     """Numba keys a cached kernel on its own source file and closure values only. The drivers
-    inline IR tiles from register_tile.py, so they close over a fingerprint of that file (and
-    over the bounds-check flag): editing the tiles must not load stale cached drivers."""
+    inline IR tiles from register_tile.py and call packing helpers from layout.py, so they close
+    over fingerprints of those files (and over the bounds-check flag): editing either must not
+    load stale cached drivers."""
     import hashlib
 
-    from numba_cnn._kernels import conv2d, register_tile
+    from numba_cnn._kernels import conv2d, layout, register_tile
 
-    with open(register_tile.__file__, "rb") as source:
-        digest = hashlib.sha256(source.read()).hexdigest()[:16]
-    assert register_tile.SOURCE_FINGERPRINT.startswith(digest)
-    for kernel in (conv2d.correlate, conv2d.correlate_grad_weight):
+    digests = []
+    for module in (register_tile, layout):
+        with open(module.__file__, "rb") as source:
+            digests.append(hashlib.sha256(source.read()).hexdigest()[:16])
+    assert register_tile.SOURCE_FINGERPRINT.startswith(digests[0])
+    assert layout.SOURCE_DIGEST == digests[1]
+    for kernel in (conv2d.correlate, conv2d.correlate_grad_weight, conv2d.blocked_correlate,
+                   conv2d.blocked_grad_weight):
         cells = [cell.cell_contents for cell in kernel.py_func.__closure__]
-        assert (conv2d.CHECK_BOUNDS, register_tile.SOURCE_FINGERPRINT) in cells, kernel
+        assert (conv2d.CHECK_BOUNDS, register_tile.SOURCE_FINGERPRINT,
+                layout.SOURCE_DIGEST) in cells, kernel
+
+
+EDITED_SCRIPT = """
+import json, numpy as np, numba_cnn
+from numba_cnn import functional as F
+from numba_cnn._kernels import conv2d
+rng = np.random.default_rng(0)
+x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+F.conv2d(x, w, padding=1)
+print(json.dumps([numba_cnn.__file__, sum(conv2d.correlate.stats.cache_hits.values()),
+                  sum(conv2d.correlate.stats.cache_misses.values())]))
+"""
+
+
+def test_an_edited_layout_module_makes_the_drivers_compile_again(tmp_path):
+    # (before the layout digest was in their key, the second process below loaded the drivers
+    # compiled with the old helpers: a broken pack_grid_image went unnoticed with a warm cache)
+    import pathlib
+    import shutil
+
+    import numba_cnn
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pathlib.Path(numba_cnn.__file__).parent, copy / "numba_cnn",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("NUMBA_DISABLE_JIT", None)
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", EDITED_SCRIPT], env=env, cwd=copy,
+                              capture_output=True, text=True, check=True)
+        path, hits, misses = json.loads(done.stdout.strip().splitlines()[-1])
+        assert pathlib.Path(path).is_relative_to(copy), path  # the copy, not the install
+        return hits, misses
+
+    assert run() == (0, 1)
+    assert run() == (1, 0)  # unchanged: loaded from the cache
+    layout = copy / "numba_cnn" / "_kernels" / "layout.py"
+    layout.write_text(layout.read_text() + "# edited\n")
+    assert run() == (0, 1)

@@ -1,4 +1,5 @@
 """Numba kernels, one module per operation family. Kernels never validate their arguments."""
+import hashlib
 import warnings
 
 from numba import njit
@@ -25,3 +26,14 @@ def cached_njit(**options):
                           "directory to keep them.", RuntimeWarning, stacklevel=3)
             return njit(cache=False, **options)(function)
     return decorate
+
+
+def source_digest(path):
+    """The first 16 hex digits of the SHA-256 of the file at ``path`` ("unknown" if it cannot be
+    read): part of the cache key of cached kernels that compile in code from another module
+    (Numba keys a cached function on its own source file only)."""
+    try:
+        with open(path, "rb") as source:
+            return hashlib.sha256(source.read()).hexdigest()[:16]
+    except OSError:
+        return "unknown"

@@ -46,6 +46,7 @@ from numba import get_thread_id, njit, prange
 from numba.core import config
 
 from . import cached_njit
+from .layout import SOURCE_DIGEST as LAYOUT_DIGEST
 from .layout import image_in_slot, pack_grid_image, unblock_run
 from .register_tile import ROWS as ROW_TILE
 from .register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS, REDUCE_TAPS,
@@ -92,12 +93,14 @@ def _check_phase_reads(src, offsets, phase_taps, phase_pixels, last_start):
 
 
 def _build_drivers(build):
-    """The correlation drivers; ``build`` = (check bounds, register_tile.SOURCE_FINGERPRINT).
+    """The correlation drivers; ``build`` = (check bounds, register_tile.SOURCE_FINGERPRINT,
+    layout.SOURCE_DIGEST).
 
     Built in a factory so that ``build`` is a closure value: Numba's cache checks a cached
     kernel against its own source file and its closure values, not against the IR tiles it
-    inlines from ``register_tile.py`` or against NUMBA_BOUNDSCHECK, so without these values in
-    the key an edited tile module (or a bounds-checked run) would load stale cached code.
+    inlines from ``register_tile.py``, the packing helpers it calls from ``layout.py`` or
+    NUMBA_BOUNDSCHECK, so without these values in the key an edited tile or layout module (or a
+    bounds-checked run) would load stale cached code.
     """
     # A bool of its own, not build[0]: Numba prunes a branch on a constant closure bool, but
     # compiled the range checks behind ``if build[0]`` into every kernel (+0.8 s for correlate's).
@@ -567,4 +570,4 @@ def _build_drivers(build):
 
 
 correlate, correlate_grad_weight, blocked_grad_weight, blocked_correlate = _build_drivers(
-    (CHECK_BOUNDS, SOURCE_FINGERPRINT))
+    (CHECK_BOUNDS, SOURCE_FINGERPRINT, LAYOUT_DIGEST))

@@ -13,7 +13,11 @@ These helpers are shared by every convolution family, so they compile once per d
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from . import cached_njit
+from . import cached_njit, source_digest
+
+# this module's source hash: conv2d's cached drivers, which compile in the helpers below that
+# they call (image_in_slot, pack_grid_image, unblock_run), key their cache on it
+SOURCE_DIGEST = source_digest(__file__)
 
 # Input channels (matrix rows) per task of gather_phase_weights.
 CHANNEL_BLOCK = 16

@@ -25,7 +25,6 @@ The tile functions are Numba intrinsics, inlined into the ``@njit(parallel=True)
 replaced by a NumPy implementation of the formula above.
 """
 import contextlib
-import hashlib
 import itertools
 
 import numpy as np
@@ -33,6 +32,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
+
+from . import source_digest
 
 ROWS = 4
 
@@ -57,18 +58,9 @@ VECTORS = 6 if VECTOR_BYTES == 64 else 3
 REDUCE_TAPS = 6 if VECTOR_BYTES == 64 else 2
 
 
-def _source_fingerprint():
-    """This module's source hash and tile shape: the cached drivers that inline the tiles key
-    their cache on it (``conv2d._build_drivers``)."""
-    try:
-        with open(__file__, "rb") as source:
-            digest = hashlib.sha256(source.read()).hexdigest()[:16]
-    except OSError:
-        digest = "unknown"
-    return f"{digest}-{VECTOR_BYTES}-{VECTORS}-{REDUCE_TAPS}"
-
-
-SOURCE_FINGERPRINT = _source_fingerprint()
+# This module's source hash and tile shape: the cached drivers that inline the tiles key their
+# cache on it (``conv2d._build_drivers``).
+SOURCE_FINGERPRINT = f"{source_digest(__file__)}-{VECTOR_BYTES}-{VECTORS}-{REDUCE_TAPS}"
 
 
 _LOOP_IDS = itertools.count()  # placeholders that make each loop ID a node of its own
