@@ -170,7 +170,28 @@ def padded_rows(rows):
     return rows if rows < ROW_TILE else round_up(rows, ROW_TILE)
 
 
-class ForwardPlan:
+class _OnePhasePacking:
+    """``functional._correlate_grid_into``'s view of a plan whose source (its ``pack_source``)
+    ``correlate``'s tasks can pack image by image into one-phase grids
+    (``layout.pack_grid_image``): ``packed_rows`` rows, ``packed_pads`` (top, left) zero lines
+    and columns in front, in the plan's ``grid_h x grid_w`` planes of ``image_len``."""
+
+    def grid_image_stride(self):
+        """Elements per image of the packed source's grid."""
+        return Grid.image_stride_of(self.packed_rows, 1, self.image_len, self.read_span)
+
+    def grid_slots(self, threads, dtype):
+        """Room for one image of the packed source's grid per thread, the tails zero: slots for
+        ``correlate``'s per-thread packing."""
+        return Grid(self.packed_rows, 1, threads, self.image_len, self.read_span, dtype)
+
+    @property
+    def packing(self):
+        """``correlate``'s ``packing``: ``pack_source``'s, one image at a time."""
+        return (self.packed_rows, *self.packed_pads, self.grid_h, self.grid_w, self.image_len)
+
+
+class ForwardPlan(_OnePhasePacking):
     """Where each tap of a forward convolution reads in the packed input grid.
 
     Used for conv2d forward and weight gradient (and, with roles swapped, for transposed
@@ -186,6 +207,8 @@ class ForwardPlan:
         self.grid_h = -(-g.padded_height // sh)
         self.grid_w = -(-g.padded_width // sw)
         self.image_len = self.grid_h * self.grid_w
+        # per-thread packing of x (_OnePhasePacking: stride 1 only, see packs_per_task)
+        self.packed_rows, self.packed_pads = g.in_channels, (g.pad[0], g.pad[2])
         self.channels_per_group = g.in_channels // g.groups
         self.filters_per_group = g.out_channels // g.groups
         self.filters_padded = round_up(self.filters_per_group, ROW_TILE)
@@ -246,22 +269,6 @@ class ForwardPlan:
         (``layout.pack_grid_image``: one stride phase)."""
         return self.geometry.stride == (1, 1)
 
-    def grid_image_stride(self):
-        """Elements per image of ``pack_input``'s grid."""
-        return Grid.image_stride_of(self.geometry.in_channels, 1, self.image_len,
-                                    self.read_span)
-
-    def grid_slots(self, threads, dtype):
-        """Room for one image of ``pack_input``'s grid (stride 1) per thread, the tails zero:
-        slots for ``correlate``'s per-thread packing."""
-        return Grid(self.geometry.in_channels, 1, threads, self.image_len, self.read_span, dtype)
-
-    @property
-    def packing(self):
-        """``correlate``'s ``packing``: ``pack_input``'s (stride 1), one image at a time."""
-        g = self.geometry
-        return (g.in_channels, g.pad[0], g.pad[2], self.grid_h, self.grid_w, self.image_len)
-
     def packed_image_bytes(self, itemsize, input_grid):
         """Bytes per image that the weight gradient packs: the output gradient's grid, and the
         input grid if ``input_grid``."""
@@ -301,7 +308,7 @@ class ForwardPlan:
         return grid
 
 
-class InputGradPlan:
+class InputGradPlan(_OnePhasePacking):
     """Input gradient of a convolution as one stride-1 correlation per stride phase, all of
     them in one ``correlate`` call.
 
@@ -330,6 +337,8 @@ class InputGradPlan:
         last_input_cols = -(-(g.width + g.pad[2]) // sw)
         self.grid_w = max(last_input_cols, g.out_width + self.margin_w)
         self.image_len = self.grid_h * self.grid_w
+        # per-thread packing of grad_out (_OnePhasePacking), behind its margins
+        self.packed_rows, self.packed_pads = g.out_channels, (self.margin_h, self.margin_w)
         self.channels_per_group = g.in_channels // g.groups
         self.channels_padded = padded_rows(self.channels_per_group)
         self.filters_per_group = g.out_channels // g.groups
@@ -401,23 +410,6 @@ class InputGradPlan:
         return pack_grid(grad_out, g.out_channels, g.out_channels, 1,
                          (self.margin_h, self.margin_w), (1, 1), (self.grid_h, self.grid_w),
                          self.image_len, self.read_span)
-
-    def grid_image_stride(self):
-        """Elements per image of ``pack_source``'s grid."""
-        return Grid.image_stride_of(self.geometry.out_channels, 1, self.image_len,
-                                    self.read_span)
-
-    def grid_slots(self, threads, dtype):
-        """Room for one image of ``pack_source``'s grid per thread, the tails zero: slots
-        for ``correlate``'s per-thread packing."""
-        return Grid(self.geometry.out_channels, 1, threads, self.image_len, self.read_span,
-                    dtype)
-
-    @property
-    def packing(self):
-        """``correlate``'s ``packing``: ``pack_source``'s, one image at a time."""
-        return (self.geometry.out_channels, self.margin_h, self.margin_w, self.grid_h,
-                self.grid_w, self.image_len)
 
     def weight_matrix(self, weight):
         """The (G * channels_padded, K) matrix of all phases: rows are input channels, columns
