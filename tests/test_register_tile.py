@@ -12,7 +12,8 @@ import pytest
 from numba_cnn._kernels.conv2d import (_check_reads, blocked_correlate, blocked_grad_weight,
                                       correlate, correlate_grad_weight)
 from numba_cnn._conv_plan import Grid, phase_crops
-from numba_cnn._kernels.layout import (gather_blocked_weights, pack_channel_blocks, pack_phases,
+from numba_cnn._kernels.layout import (gather_blocked_weights, pack_channel_blocks,
+                                       pack_channel_image, pack_phases,
                                        unblock_grad_weight, unblock_output, unpack_phases)
 from numba_cnn._kernels.register_tile import BROADCAST_PIXELS, VECTOR_BYTES, VECTORS
 
@@ -422,9 +423,12 @@ def test_unblock_grad_weight_refuses_too_few_scratch_rows(rng):
 @pytest.mark.parametrize("channels", [1, 16, 21])  # one partial block, whole blocks, a rest
 # (top, bottom, left, right) pads; negative ones crop
 @pytest.mark.parametrize("pads", [(1, 2, 3, 0), (0, 0, 0, 0), (-1, 2, -2, -1), (2, -3, 1, -4)])
-def test_pack_channel_blocks(channels, pads, dtype, rng):
+# lines packed LANES columns at a time: fewer, exactly that many, and two vectors' worth and a
+# rest (a lanes-independent width list: 16 float32 or 8 float64 lanes on AVX-512)
+@pytest.mark.parametrize("width", [5, 8, 16, 37])
+def test_pack_channel_blocks(channels, pads, width, dtype, rng):
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
-    height, width = 4, 5
+    height = 4
     src = rng.standard_normal((2, channels, height, width)).astype(dtype)
     blocks = -(-channels // lanes)
     top, bottom, left, right = pads
@@ -433,6 +437,33 @@ def test_pack_channel_blocks(channels, pads, dtype, rng):
     pack_channel_blocks(src, dst, top, left)
     np.testing.assert_array_equal(dst, blocked_by_formula(src, lanes, top, left, padded_h,
                                                           padded_w))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [3, 16, 37])
+@pytest.mark.parametrize("column_phases", [1, 2, 3])
+@pytest.mark.parametrize("left, width", [(2, 5), (0, 40), (-3, 41), (4, 33)])
+def test_pack_channel_image_stores_columns_by_phase(channels, column_phases, left, width, dtype,
+                                                    rng):
+    """Image by image, lines in column phases: padded column c at pixel (c % P) * (W / P)
+    + c // P of its line."""
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    height, top = 3, 1
+    src = rng.standard_normal((2, channels, height, width)).astype(dtype)
+    blocks = -(-channels // lanes)
+    padded_h = height + 2
+    padded_w = -(-(width + left + 1) // column_phases) * column_phases
+    image_len = blocks * padded_h * padded_w * lanes
+    dst = np.full(3 * image_len, np.nan, dtype=dtype)  # image 1 in the middle slot
+    pack_channel_image(src, 1, dst, image_len, blocks, padded_h, padded_w, lanes, top, left,
+                       column_phases)
+    image = blocked_by_formula(src, lanes, top, left, padded_h, padded_w)[1]
+    columns = np.arange(padded_w)
+    pixels = columns % column_phases * (padded_w // column_phases) + columns // column_phases
+    expected = np.empty_like(image)
+    expected[:, :, pixels] = image
+    assert np.isnan(dst[:image_len]).all() and np.isnan(dst[2 * image_len:]).all()
+    np.testing.assert_array_equal(dst[image_len:2 * image_len], expected.reshape(-1))
 
 
 def blocked_by_formula(src, lanes, top, left, padded_h, padded_w):
