@@ -236,7 +236,10 @@ class ForwardPlan(_OnePhasePacking):
                                        + in_plane.shape).reshape(g.groups, -1)
         self.zero_offset = g.in_channels * phases * self.image_len
         self.offsets = pad_offsets(tap_planes * self.image_len + tap_in_plane, self.zero_offset)
-        self.phase_taps = np.array([0, self.offsets.shape[1]], dtype=np.int64)
+        # The forward correlates the real taps only: the padding taps (zero weights, reading
+        # zeros) are there for the weight gradient's tap tiles. A single-channel 3x3 layer has
+        # 9 taps padded to 12, a third more work (mnist1's forward: 1.2x faster without them).
+        self.phase_taps = np.array([0, tap_planes.shape[1]], dtype=np.int64)
         # The weight-gradient reduction reads the same positions with its taps sorted by read
         # position: with strides, the (c, kh, kw) order alternates between phase planes, while
         # sorted, a tile's taps share planes and so cache lines (dcgan's weight gradient 16%,
@@ -393,9 +396,9 @@ class InputGradPlan(_OnePhasePacking):
                 first_row = -(-(g.pad[0] - phase_h) // sh)
                 stop_row = -(-(g.height + g.pad[0] - phase_h) // sh)
                 in_plane = (shift_h[:, None] + first_row) * self.grid_w + shift_w[None, :]
+                # (not padded to whole tap tiles: only correlate reads them, tap by tap)
                 offsets = (filter_index[:, :, None, None] * self.image_len
                            + in_plane[None, None]).reshape(g.groups, -1)
-                offsets = pad_offsets(offsets, self.zero_offset)
                 out_len = round_up(max(stop_row - first_row, 0) * self.grid_w, 16)
                 block_shape = (len(taps_h) * len(taps_w), 1,
                                int(in_plane.max() - in_plane.min()))

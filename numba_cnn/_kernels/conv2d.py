@@ -33,8 +33,10 @@ It reads the output gradient as given, pixel by pixel, so nothing is computed at
 columns, and the vector lanes are channels, so no sums across lanes are needed.
 
 Conventions shared by the grid kernels (established by ``numba_cnn._conv_plan``):
-- ``offsets`` is ``(groups, K)`` int64 with ``K`` a multiple of ``TAP_TILE``; padding taps point
-  at a zero region of ``src`` and carry zero weights, so they add exact zeros.
+- ``offsets`` is ``(groups, K)`` int64; for the weight gradient ``K`` is a multiple of
+  ``TAP_TILE``, with padding taps that point at a zero region of ``src`` and carry zero
+  weights, so they add exact zeros (``correlate`` takes any ``K`` and runs the taps that
+  ``phase_taps`` names, which need not include the padding).
 - ``weight`` is ``(R, K)`` with ``R`` a multiple of ``ROW_TILE`` and ``R // groups`` rows per group.
 - Every read of ``src`` stays inside the array (the plans leave zero tails behind the data); the
   IR tiles do not check, so under NUMBA_BOUNDSCHECK the drivers check the range once per call.
