@@ -584,21 +584,26 @@ def test_blocked_correlation_refuses_slots_or_outputs_that_do_not_fit():
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["forward", "input_gradient"])
 @pytest.mark.parametrize("filters, channels", [(16, 32), (5, 21), (40, 3)])
-# all taps, or a stride phase's subset in any order
-@pytest.mark.parametrize("taps_h, taps_w", [([0, 1], [0, 1, 2]), ([1], [2, 0])])
-def test_gather_blocked_weights(filters, channels, transposed, taps_h, taps_w, rng):
-    lanes = VECTOR_BYTES // 4
-    weight = rng.standard_normal((filters, channels, 2, 3)).astype(np.float32)
+# all taps, or a stride phase's subset in any order (the last tap included)
+@pytest.mark.parametrize("subset", [False, True], ids=["all_taps", "phase"])
+# kernels of fewer taps than a vector's lanes, and of more (transposed LANES taps at a time)
+@pytest.mark.parametrize("kernel", [(2, 3), (5, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gather_blocked_weights(filters, channels, transposed, subset, kernel, dtype, rng):
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    taps_h, taps_w = (([kernel[0] - 1], [kernel[1] - 1, 0]) if subset
+                      else (list(range(kernel[0])), list(range(kernel[1]))))
+    weight = rng.standard_normal((filters, channels, *kernel)).astype(dtype)
     outputs, inputs = (channels, filters) if transposed else (filters, channels)
     out_blocks, in_blocks = -(-outputs // lanes), -(-inputs // lanes)
     taps = len(taps_h) * len(taps_w)
-    blocked = np.full((out_blocks, taps * inputs, lanes), np.nan, dtype=np.float32)
+    blocked = np.full((out_blocks, taps * inputs, lanes), np.nan, dtype=dtype)
     gather_blocked_weights(weight, transposed, np.array(taps_h), np.array(taps_w), blocked,
-                           np.empty(0, np.float32))  # no finiteness check
+                           np.empty(0, dtype))  # no finiteness check
     # (output, input, taps_h, taps_w), outputs zero-padded to whole blocks
     by_output = weight.transpose(1, 0, 2, 3) if transposed else weight
     at_taps = by_output[:, :, taps_h][:, :, :, taps_w]
-    padded = np.zeros((out_blocks * lanes, inputs, len(taps_h), len(taps_w)), np.float32)
+    padded = np.zeros((out_blocks * lanes, inputs, len(taps_h), len(taps_w)), dtype)
     padded[:outputs] = at_taps
     # terms: tap row, input block, tap column, the block's inputs (none past the last input)
     expected = np.empty_like(blocked)
@@ -616,7 +621,7 @@ def test_gather_blocked_weights(filters, channels, transposed, taps_h, taps_w, r
     # NaN for one that gathered an inf or a NaN; weights at taps not gathered do not count
     weight[-1, -1, taps_h[0], taps_w[-1]] = np.inf
     weight[0, 0, 0, 0] = np.nan if 0 not in taps_h else weight[0, 0, 0, 0]
-    task_checks = np.full(out_blocks * in_blocks, 7.0, np.float32)
+    task_checks = np.full(out_blocks * in_blocks, 7.0, dtype)
     gather_blocked_weights(weight, transposed, np.array(taps_h), np.array(taps_w), blocked,
                            task_checks)
     expected_nan = np.zeros((out_blocks, in_blocks), bool)
