@@ -6,7 +6,6 @@ argument, the value received and what was expected.
 """
 import functools
 import numbers
-import operator
 from typing import NamedTuple
 
 import numpy as np

@@ -16,8 +16,7 @@ import numpy as np
 from ._kernels.conv2d import ROW_TILE, TAP_TILE
 from ._kernels.layout import (gather_blocked_weights, gather_phase_weights,
                              pack_channel_blocks, pack_phases)
-from ._kernels.register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS,
-                                     VECTOR_BYTES, VECTORS)
+from ._kernels.register_tile import BROADCAST_PIXELS, OUTER_TAPS, VECTOR_BYTES, VECTORS
 
 # Correlation blocking (``correlate``'s tap_block and tiles_per_task). Kernel-alone sweeps of
 # 8-48 KB tap blocks and 2-16 row tiles per task, against all taps with one row tile per task:
@@ -330,7 +329,6 @@ class InputGradPlan(_OnePhasePacking):
         self.margin_h = ((g.kernel[0] - 1) * dh) // sh
         self.margin_w = ((g.kernel[1] - 1) * dw) // sw
         phase_rows = -(-g.padded_height // sh)
-        phase_cols = -(-g.padded_width // sw)
         self.grid_h = max(phase_rows, g.out_height) + self.margin_h
         # Columns: the grid must hold the gradient behind its margin (out_width + margin_w) and
         # a whole row of computed outputs must reach the last real input column (phase 0's

@@ -1,7 +1,6 @@
 """The library in unusual environments: a read-only install, absurd sizes."""
 import os
 import shutil
-import stat
 import subprocess
 import sys
 

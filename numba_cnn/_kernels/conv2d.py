@@ -51,7 +51,7 @@ from . import cached_njit
 from .layout import SOURCE_DIGEST as LAYOUT_DIGEST
 from .layout import image_in_slot, pack_grid_image, unblock_run
 from .register_tile import ROWS as ROW_TILE
-from .register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, OUTER_TAPS, REDUCE_TAPS,
+from .register_tile import (BROADCAST_VECTORS, OUTER_TAPS, REDUCE_TAPS,
                             SOURCE_FINGERPRINT, VECTOR_BYTES, VECTORS, run_broadcast_tile,
                             run_outer_tile, run_reduce_tile_4_rows, run_tile_1_row,
                             run_tile_4_rows)

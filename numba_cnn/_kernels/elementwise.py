@@ -5,7 +5,6 @@ that mispredicts about half the time: 3.5 ms for a (32, 32, 26, 26) float32 arra
 machine, more than the convolution next to it. These loops are branch-free selects, vectorised
 and split over the threads (0.14 ms forward, 0.11 ms backward).
 """
-import numpy as np
 from numba import prange
 
 from . import cached_njit
