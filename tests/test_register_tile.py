@@ -466,6 +466,18 @@ def test_pack_channel_image_stores_columns_by_phase(channels, column_phases, lef
     np.testing.assert_array_equal(dst[image_len:2 * image_len], expected.reshape(-1))
 
 
+def test_blocked_layout_kernels_refuse_lanes_of_another_vector_width():
+    """The transposes compile in one vector's lanes: a layout of other lanes is refused (as
+    would be a cached copy compiled for another width)."""
+    lanes = VECTOR_BYTES // 4
+    src = np.ones((2, lanes, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="one vector"):
+        pack_channel_blocks(src, np.zeros((2, 2, 3, 3, lanes // 2), np.float32), 0, 0)
+    with pytest.raises(ValueError, match="one vector"):
+        unblock_output(np.ones((2, 2, 3, 3, lanes // 2), np.float32), np.zeros(lanes, np.float32),
+                       np.zeros((2, lanes, 3, 3), np.float32), 0, 0, 1, 1)
+
+
 def blocked_by_formula(src, lanes, top, left, padded_h, padded_w):
     """src (N, C, H, W) in the blocked layout (N, CB, padded_h, padded_w, lanes), zero-padded
     by ``top`` and ``left`` (negative: cropped) and zero in the channels >= C."""

@@ -531,6 +531,10 @@ def pack_channel_blocks(src, dst, pad_top, pad_left):
     j - pad_left]``, zero in the padding and for channels >= C. Negative pads crop. A task
     fills one (n, b, i) line of ``dst``."""
     _, blocks, padded_height, padded_width, lanes = dst.shape
+    if lanes * dst.itemsize != VECTOR_BYTES:
+        # the transposes' vector width is compiled in (and this module's cache is keyed on
+        # its own source only: a copy cached for another width must fail, not run)
+        raise ValueError("pack_channel_blocks: LANES must fill one vector")
     dst_flat = dst.reshape(-1)
     src_flat = src.reshape(-1)
     for task in prange(src.shape[0] * blocks * padded_height):
@@ -727,6 +731,8 @@ def unblock_output(blocked, bias, dst, first_row, first_column, row_step, column
     LANES times: res56 0.58 ms against 0.39).
     """
     batch, out_blocks, out_height, out_width, lanes = blocked.shape
+    if lanes * blocked.itemsize != VECTOR_BYTES:  # (as in pack_channel_blocks)
+        raise ValueError("unblock_output: LANES must fill one vector")
     outputs, height, width = dst.shape[1], dst.shape[2], dst.shape[3]
     blocked_flat = blocked.reshape(-1)
     dst_flat = dst.reshape(-1)
