@@ -469,8 +469,8 @@ def _python_transpose_from_block(blocked, start, pixels, channels, bias, first_o
 
 _transpose_from_block = (_python_transpose_from_block if config.DISABLE_JIT
                          else _build_transpose_from_block())
-# The packing's intrinsic writes without bounds checks: under NUMBA_BOUNDSCHECK its callers
-# check each call's range.
+# The two intrinsics read and write without bounds checks: under NUMBA_BOUNDSCHECK their
+# callers (_pack_channel_line, unblock_run) check each call's range.
 CHECK_BOUNDS = bool(config.BOUNDSCHECK)
 
 
