@@ -250,25 +250,96 @@ def gather_phase_weights(weight, groups, taps_h, taps_w, rows_padded, matrix, fi
                 matrix[row, column] = zero
 
 
-def _transposed(builder, vectors, lanes):
-    """The LANES x LANES block of ``vectors`` (IR values, ``vectors[c][k]``) transposed, as
-    ``result[k][c]``: at each scale from LANES / 2 down to 1, the two vectors of each pair
-    ``scale`` apart swap their off-diagonal blocks, one two-vector shuffle each."""
-    mask_type = ir.VectorType(ir.IntType(32), lanes)
-    scale = lanes // 2
-    while scale >= 1:
-        swapped = list(vectors)
-        for low in (c for c in range(lanes) if not c & scale):
-            high = low + scale
-            low_mask = [k if not k & scale else lanes + k - scale for k in range(lanes)]
-            high_mask = [k + scale if not k & scale else lanes + k for k in range(lanes)]
-            swapped[low] = builder.shuffle_vector(vectors[low], vectors[high],
-                                                  ir.Constant(mask_type, low_mask))
-            swapped[high] = builder.shuffle_vector(vectors[low], vectors[high],
-                                                   ir.Constant(mask_type, high_mask))
-        vectors = swapped
-        scale //= 2
-    return vectors
+class _VectorIR:
+    """The IR the two transposing intrinsics share, for one codegen call: one vector of the
+    arrays' dtype (VECTOR_BYTES, LANES elements), array data pointers, lane masks, masked loads
+    and stores, and the LANES x LANES transpose. (``register_tile._Emitter`` has the tiles'
+    counterparts; this module's cached kernels are keyed on its own source only, so it does
+    not compile in code from there.)"""
+
+    def __init__(self, context, builder, signature):
+        self.context, self.builder, self.signature = context, builder, signature
+        element = context.get_value_type(signature.args[0].dtype)
+        self.element_bytes = context.get_abi_sizeof(element)
+        self.lanes = VECTOR_BYTES // self.element_bytes
+        self.vector = ir.VectorType(element, self.lanes)
+        self.mask_type = ir.VectorType(ir.IntType(1), self.lanes)
+
+    def constant(self, value):
+        return ir.Constant(ir.IntType(64), value)
+
+    def data(self, position, value):
+        """The data pointer of array argument ``position``."""
+        array = self.context.make_array(self.signature.args[position])
+        return array(self.context, self.builder, value).data
+
+    def splat(self, value, vector_type):
+        """``value`` in every lane of ``vector_type``."""
+        builder = self.builder
+        single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value,
+                                        ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(single, single, ir.Constant(
+            ir.VectorType(ir.IntType(32), self.lanes), [0] * self.lanes))
+
+    def lanes_below(self, count):
+        """The mask of the lanes ``k < count``."""
+        index_vector = ir.VectorType(ir.IntType(64), self.lanes)
+        return self.builder.icmp_signed("<", ir.Constant(index_vector, list(range(self.lanes))),
+                                        self.splat(count, index_vector))
+
+    def mask_if(self, condition, mask):
+        """``mask`` where ``condition`` holds, else no lanes."""
+        return self.builder.select(condition, mask,
+                                   ir.Constant(self.mask_type, [0] * self.lanes))
+
+    def _masked(self, operation, arguments):
+        """Call LLVM's ``llvm.masked.load`` (pointer, alignment, mask, passthrough) or
+        ``llvm.masked.store`` (value, pointer, alignment, mask) on one vector."""
+        bits = self.element_bytes * 8
+        pointer_alignment_mask = [self.vector.as_pointer(), ir.IntType(32), self.mask_type]
+        if operation == "load":
+            function_type = ir.FunctionType(self.vector, pointer_alignment_mask + [self.vector])
+        else:
+            function_type = ir.FunctionType(ir.VoidType(), [self.vector] + pointer_alignment_mask)
+        function = cgutils.get_or_insert_function(
+            self.builder.module, function_type,
+            f"llvm.masked.{operation}.v{self.lanes}f{bits}.p0v{self.lanes}f{bits}")
+        return self.builder.call(function, arguments)
+
+    def _vector_pointer(self, base, offset):
+        return self.builder.bitcast(self.builder.gep(base, [offset]), self.vector.as_pointer())
+
+    def load(self, base, offset, mask):
+        """The vector at ``base + offset``, its lanes outside ``mask`` zero and not read."""
+        return self._masked("load", [self._vector_pointer(base, offset),
+                                     ir.Constant(ir.IntType(32), self.element_bytes), mask,
+                                     ir.Constant(self.vector, None)])
+
+    def store(self, value, base, offset, mask):
+        """Store the lanes of ``value`` inside ``mask`` at ``base + offset``."""
+        self._masked("store", [value, self._vector_pointer(base, offset),
+                               ir.Constant(ir.IntType(32), self.element_bytes), mask])
+
+    def transposed(self, vectors):
+        """The LANES x LANES block ``vectors[c][k]`` as ``result[k][c]``: at each scale from
+        LANES / 2 down to 1, the two vectors of each pair ``scale`` apart swap their
+        off-diagonal blocks, one two-vector shuffle each."""
+        lanes = self.lanes
+        mask_type = ir.VectorType(ir.IntType(32), lanes)
+        scale = lanes // 2
+        while scale >= 1:
+            swapped = list(vectors)
+            for low in (c for c in range(lanes) if not c & scale):
+                high = low + scale
+                low_mask = [k if not k & scale else lanes + k - scale for k in range(lanes)]
+                high_mask = [k + scale if not k & scale else lanes + k for k in range(lanes)]
+                swapped[low] = self.builder.shuffle_vector(vectors[low], vectors[high],
+                                                           ir.Constant(mask_type, low_mask))
+                swapped[high] = self.builder.shuffle_vector(vectors[low], vectors[high],
+                                                            ir.Constant(mask_type, high_mask))
+            vectors = swapped
+            scale //= 2
+        return vectors
 
 
 def _build_transpose_into_line():
@@ -298,52 +369,24 @@ def _build_transpose_into_line():
         def codegen(context, builder, signature, args):
             (src_array, src_start, plane, channels, pixels, dst_array, line_start, phase, pixel,
              phase_len, phases) = args
-            dtype = signature.args[0].dtype
-            element_bytes = context.get_abi_sizeof(context.get_value_type(dtype))
-            lanes = VECTOR_BYTES // element_bytes
-            vector = ir.VectorType(context.get_value_type(dtype), lanes)
-            int32, int64 = ir.IntType(32), ir.IntType(64)
-
-            def splat(value):
-                single = builder.insert_element(ir.Constant(ir.VectorType(int64, lanes),
-                                                            ir.Undefined), value,
-                                                ir.Constant(int32, 0))
-                return builder.shuffle_vector(single, single, ir.Constant(
-                    ir.VectorType(int32, lanes), [0] * lanes))
-
-            def data(position, value):
-                return context.make_array(signature.args[position])(context, builder,
-                                                                    value).data
-
-            column_mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(int64, lanes),
-                                                               list(range(lanes))),
-                                              splat(pixels))
-            masked_load = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vector, [vector.as_pointer(), int32,
-                                                         column_mask.type, vector]),
-                f"llvm.masked.load.v{lanes}f{element_bytes * 8}.p0v{lanes}f{element_bytes * 8}")
-            source = builder.gep(data(0, src_array), [src_start])
-            no_columns = ir.Constant(column_mask.type, [0] * lanes)
-            vectors = []
-            for c in range(lanes):
-                # a channel past the last one reads nothing and packs zeros
-                mask = builder.select(builder.icmp_signed("<", ir.Constant(int64, c), channels),
-                                      column_mask, no_columns)
-                row = builder.gep(source, [builder.mul(plane, ir.Constant(int64, c))])
-                vectors.append(builder.call(masked_load, [
-                    builder.bitcast(row, vector.as_pointer()), ir.Constant(int32, element_bytes),
-                    mask, ir.Constant(vector, None)]))
-            vectors = _transposed(builder, vectors, lanes)
-            line = builder.gep(data(5, dst_array), [line_start])
-            one, zero = ir.Constant(int64, 1), ir.Constant(int64, 0)
+            emit = _VectorIR(context, builder, signature)
+            lanes = emit.lanes
+            column_mask = emit.lanes_below(pixels)
+            source = builder.gep(emit.data(0, src_array), [src_start])
+            # a channel past the last one reads nothing and packs zeros
+            vectors = [emit.load(source, builder.mul(plane, emit.constant(c)), emit.mask_if(
+                builder.icmp_signed("<", emit.constant(c), channels), column_mask))
+                for c in range(lanes)]
+            vectors = emit.transposed(vectors)
+            line = builder.gep(emit.data(5, dst_array), [line_start])
+            one, zero = emit.constant(1), emit.constant(0)
+            all_lanes = ir.Constant(emit.mask_type, [1] * lanes)
             for k in range(lanes):
-                with builder.if_then(builder.icmp_signed("<", ir.Constant(int64, k), pixels),
+                with builder.if_then(builder.icmp_signed("<", emit.constant(k), pixels),
                                      likely=True):
                     target = builder.mul(builder.add(builder.mul(phase, phase_len), pixel),
-                                         ir.Constant(int64, lanes))
-                    builder.store(vectors[k], builder.bitcast(builder.gep(line, [target]),
-                                                              vector.as_pointer()),
-                                  align=element_bytes)
+                                         emit.constant(lanes))
+                    emit.store(vectors[k], line, target, all_lanes)
                 next_phase = builder.add(phase, one)
                 wraps = builder.icmp_signed("==", next_phase, phases)
                 phase = builder.select(wraps, zero, next_phase)
@@ -396,57 +439,23 @@ def _build_transpose_from_block():
         def codegen(context, builder, signature, args):
             (blocked_array, start, pixels, channels, bias_array, first_output, dst_array, target,
              plane) = args
-            dtype = signature.args[0].dtype
-            element = context.get_value_type(dtype)
-            element_bytes = context.get_abi_sizeof(element)
-            lanes = VECTOR_BYTES // element_bytes
-            vector = ir.VectorType(element, lanes)
-            int32, int64 = ir.IntType(32), ir.IntType(64)
-
-            def data(position, value):
-                return context.make_array(signature.args[position])(context, builder,
-                                                                    value).data
-
-            def splat(value, vector_type):
-                single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value,
-                                                ir.Constant(int32, 0))
-                return builder.shuffle_vector(single, single, ir.Constant(
-                    ir.VectorType(int32, lanes), [0] * lanes))
-
-            pixel_mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(int64, lanes),
-                                                              list(range(lanes))),
-                                             splat(pixels, ir.VectorType(int64, lanes)))
-            suffix = f"v{lanes}f{element_bytes * 8}.p0v{lanes}f{element_bytes * 8}"
-            masked_load = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vector, [vector.as_pointer(), int32,
-                                                         pixel_mask.type, vector]),
-                f"llvm.masked.load.{suffix}")
-            masked_store = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [vector, vector.as_pointer(),
-                                                                int32, pixel_mask.type]),
-                f"llvm.masked.store.{suffix}")
-            all_lanes = ir.Constant(pixel_mask.type, [1] * lanes)
-            no_lanes = ir.Constant(pixel_mask.type, [0] * lanes)
-            source = builder.gep(data(0, blocked_array), [start])
-            vectors = []
-            for k in range(lanes):
-                mask = builder.select(builder.icmp_signed("<", ir.Constant(int64, k), pixels),
-                                      all_lanes, no_lanes)
-                vectors.append(builder.call(masked_load, [
-                    builder.bitcast(builder.gep(source, [ir.Constant(int64, k * lanes)]),
-                                    vector.as_pointer()),
-                    ir.Constant(int32, element_bytes), mask, ir.Constant(vector, None)]))
-            vectors = _transposed(builder, vectors, lanes)
-            bias_values = builder.gep(data(4, bias_array), [first_output])
-            rows = builder.gep(data(6, dst_array), [target])
+            emit = _VectorIR(context, builder, signature)
+            lanes = emit.lanes
+            pixel_mask = emit.lanes_below(pixels)
+            all_lanes = ir.Constant(emit.mask_type, [1] * lanes)
+            source = builder.gep(emit.data(0, blocked_array), [start])
+            vectors = [emit.load(source, emit.constant(k * lanes), emit.mask_if(
+                builder.icmp_signed("<", emit.constant(k), pixels), all_lanes))
+                for k in range(lanes)]
+            vectors = emit.transposed(vectors)
+            bias_values = builder.gep(emit.data(4, bias_array), [first_output])
+            rows = builder.gep(emit.data(6, dst_array), [target])
             for c in range(lanes):
-                with builder.if_then(builder.icmp_signed("<", ir.Constant(int64, c), channels),
+                with builder.if_then(builder.icmp_signed("<", emit.constant(c), channels),
                                      likely=True):
-                    value = builder.fadd(vectors[c], splat(builder.load(builder.gep(
-                        bias_values, [ir.Constant(int64, c)])), vector))
-                    row = builder.gep(rows, [builder.mul(plane, ir.Constant(int64, c))])
-                    builder.call(masked_store, [value, builder.bitcast(row, vector.as_pointer()),
-                                                ir.Constant(int32, element_bytes), pixel_mask])
+                    value = builder.fadd(vectors[c], emit.splat(builder.load(builder.gep(
+                        bias_values, [emit.constant(c)])), emit.vector))
+                    emit.store(value, rows, builder.mul(plane, emit.constant(c)), pixel_mask)
             return context.get_dummy_value()
 
         return signature, codegen
