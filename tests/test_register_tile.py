@@ -13,7 +13,7 @@ from numba_cnn._kernels.conv2d import (_check_reads, blocked_correlate, blocked_
                                       correlate, correlate_grad_weight)
 from numba_cnn._conv_plan import Grid, phase_crops
 from numba_cnn._kernels.layout import (gather_blocked_weights, pack_channel_blocks,
-                                       pack_channel_image, pack_phases,
+                                       pack_channel_image, pack_grid_image, pack_phases,
                                        unblock_grad_weight, unblock_output, unpack_phases)
 from numba_cnn._kernels.register_tile import BROADCAST_PIXELS, VECTOR_BYTES, VECTORS
 
@@ -242,6 +242,68 @@ def test_packing_per_thread_matches_the_packed_grid_formula(rows, groups, batch,
         results.append(dst)
     assert not np.isnan(results[0]).any()
     np.testing.assert_array_equal(results[1], results[0])
+
+
+def grid_by_formula(src, n, stride, pads, grid_h, grid_w, image_len):
+    """Image ``n``'s phase planes as the grid packers fill them, (rows, sh * sw, image_len):
+    phase (a, b)'s pixel (i, j) holds ``src[n, row, i * sh + a - pad_top, j * sw + b -
+    pad_left]`` where that lies in ``src``; padding and the spare pixels are zero."""
+    rows, height, width = src.shape[1:]
+    (stride_h, stride_w), (top, left) = stride, pads
+    planes = np.zeros((rows, stride_h * stride_w, image_len), dtype=src.dtype)
+    for a in range(stride_h):
+        for b in range(stride_w):
+            for i in range(grid_h):
+                for j in range(grid_w):
+                    ih, iw = i * stride_h + a - top, j * stride_w + b - left
+                    if 0 <= ih < height and 0 <= iw < width:
+                        planes[:, a * stride_w + b, i * grid_w + j] = src[n, :, ih, iw]
+    return planes
+
+
+# (top, left) pads: margins, none, crops (a transposed convolution's negative padding), a
+# margin wider than the grid; grids that cover the source, and that end inside it
+GRID_PADS = [(2, 1), (0, 0), (-1, -2), (1, 9)]
+GRID_SHAPES = [(8, 10), (3, 4)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 1), (1, 2), (2, 3)])
+@pytest.mark.parametrize("pads", GRID_PADS)
+@pytest.mark.parametrize("grid_shape", GRID_SHAPES)
+def test_pack_phases_matches_the_grid_formula(stride, pads, grid_shape, dtype, rng):
+    """Every plane (row, phase, image) where ``plane_strides`` puts it, NaN left between them."""
+    batch, rows, height, width = 2, 3, 5, 7
+    grid_h, grid_w = grid_shape
+    image_len = grid_h * grid_w + 3
+    phases = stride[0] * stride[1]
+    src = rng.standard_normal((batch, rows, height, width)).astype(dtype)
+    # planes [row, phase, n] with a 2-element gap after each, so stray writes show
+    plane_strides = (phases * batch * (image_len + 2), batch * (image_len + 2), image_len + 2)
+    dst = np.full(rows * plane_strides[0] + 5, np.nan, dtype=dtype)
+    pack_phases(src, dst, rows, plane_strides, rows, rows, *pads, *stride, grid_h, grid_w,
+                image_len)
+    planes = dst[:rows * plane_strides[0]].reshape(rows, phases, batch, image_len + 2)
+    for n in range(batch):
+        np.testing.assert_array_equal(planes[:, :, n, :image_len], grid_by_formula(
+            src, n, stride, pads, grid_h, grid_w, image_len))
+    assert np.isnan(planes[..., image_len:]).all() and np.isnan(dst[-5:]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pads", GRID_PADS)
+@pytest.mark.parametrize("grid_shape", GRID_SHAPES)
+def test_pack_grid_image_matches_the_grid_formula(pads, grid_shape, dtype, rng):
+    """One image's planes at stride 1 from ``image_start`` on, nothing written around them."""
+    rows, height, width = 3, 5, 7
+    grid_h, grid_w = grid_shape
+    image_len = grid_h * grid_w + 3
+    src = rng.standard_normal((2, rows, height, width)).astype(dtype)
+    dst = np.full(rows * image_len + 9, np.nan, dtype=dtype)
+    pack_grid_image(src, 1, dst, 4, rows, *pads, grid_h, grid_w, image_len)
+    np.testing.assert_array_equal(dst[4:4 + rows * image_len], grid_by_formula(
+        src, 1, (1, 1), pads, grid_h, grid_w, image_len).reshape(-1))
+    assert np.isnan(dst[:4]).all() and np.isnan(dst[4 + rows * image_len:]).all()
 
 
 def test_unpacking_correlation_refuses_slots_or_outputs_that_do_not_fit(rng):
