@@ -448,7 +448,8 @@ def blocked_weight_gradient(geometry, itemsize):
 
 
 # The forward and the input gradient run on the channel-blocked layout where the correlation
-# reads at least two vectors of channels and writes at least two, at least 15/16 filled, or
+# reads at least two vectors of channels (or one: see "Where they lose" below) and writes at
+# least two, at least 15/16 filled, or
 # 7/8 filled for output lines of at most PARTLY_FILLED_MAX_WIDTH pixels (filters for the
 # forward, input channels for the input gradient: the vector lanes, which a partly filled last
 # vector computes for nothing; a partly filled input vector costs nothing, its missing
@@ -469,8 +470,20 @@ def blocked_weight_gradient(geometry, itemsize):
 #   0.98-1.01, 72 0.93-0.96, 56 0.94-0.98;
 # - less: 40 channels at 28x28 0.84-0.87, 33 0.74.
 # Where they lose, the grid stays:
-# - one vector of channels: 16 channels in 0.96 (forward) and 0.90 (input gradient), 16
-#   filters 0.87 (forward);
+# - one vector of channels read, except at a batch of at least ONE_VECTOR_MIN_BATCH and, for
+#   the input gradient, stride 1 (AMD Zen 4, float32 (16 lanes), 3x3 kernels at batch 8 unless
+#   named, forward: 16 -> 32 channels at 56x56 1.04, at 28x28 1.07, at 112x112 1.03, at
+#   32x32 and batch 16 0.99, at 8x8 and batch 64 1.09, stride 2 1.20; 16 -> 48, 64, 96, 128
+#   1.05-1.24; 20 and 24 channels 1.06-1.11; a 5x5 kernel 1.21, dilation 2 1.08; but at 7x7
+#   0.83 (0.07 ms); float64 (8 lanes), 8 -> 32 channels 1.05-1.08, stride 2 1.14. Input
+#   gradient, 16 -> 32 channels at 56x56 1.05, 16 and 24 filters read from 32-128 channels
+#   1.03-1.25, at 112x112 and batch 4 0.97; strided 0.81-0.83. Smaller batches lose: 16 -> 32
+#   channels at 56x56, batch 1 0.94, 2 0.98, 4 1.00, batch 1 at stride 2 0.57 and at 112x112
+#   0.78 (the threads pack the same image, each into its own slot). Less than one vector: 8
+#   channels in 0.80-1.09, 12 0.97, 3 0.67-0.89 (float64: 4 channels 0.76). Before packing
+#   went through in-register transposes, on the Intel machine: 16 channels in 0.96 (forward)
+#   and 0.90 (input gradient);
+# - one vector of channels written: 16 filters 0.87 (forward);
 # - written vectors less filled (above): 64 -> 36 channels at 28x28 0.81 (forward);
 # - strided input gradients of images wider than CHANNEL_BLOCKED_MAX_WIDTH (one correlation
 #   per stride phase, over one shared packed gradient): res56 s2 0.94, 64 channels at 32x32
@@ -481,6 +494,7 @@ def blocked_weight_gradient(geometry, itemsize):
 #   and its input gradient on the other, so it compiles both correlations (18.4 s cold for 64
 #   channels at 32x32 against 13-14 s); the forward on the grid too was 0.86 for res56 s2.
 CHANNEL_BLOCKED_MAX_WIDTH = 28  # of x, for strided input gradients
+ONE_VECTOR_MIN_BATCH = 8  # images, for correlations that read one vector of channels
 PARTLY_FILLED_MAX_WIDTH = 20  # of the output lines, for written vectors 7/8 to 15/16 filled
 # the forward's column strides measured channel-blocked (others run on the grid)
 BLOCKED_COLUMN_STRIDES = (1, 2)
@@ -489,14 +503,16 @@ BLOCKED_COLUMN_STRIDES = (1, 2)
 FORCE_CHANNEL_BLOCKED = None
 
 
-def _blocked_correlation_pays(in_channels, out_channels, out_width, itemsize):
+def _blocked_correlation_pays(in_channels, out_channels, out_width, itemsize, one_vector_pays):
     """Whether a correlation from ``in_channels`` to ``out_channels`` in output lines of
-    ``out_width`` pixels runs channel-blocked."""
+    ``out_width`` pixels runs channel-blocked; ``one_vector_pays``: whether reading one vector
+    of channels (not two) is enough (see above)."""
     lanes = VECTOR_BYTES // itemsize
     out_lanes = -(-out_channels // lanes) * lanes
     filled = (16 * out_channels >= 15 * out_lanes
               or 8 * out_channels >= 7 * out_lanes and out_width <= PARTLY_FILLED_MAX_WIDTH)
-    return min(in_channels, out_channels) >= 2 * lanes and filled
+    reads = in_channels >= (1 if one_vector_pays else 2) * lanes
+    return reads and out_channels >= 2 * lanes and filled
 
 
 def blocked_forward(geometry, itemsize):
@@ -508,7 +524,8 @@ def blocked_forward(geometry, itemsize):
         return FORCE_CHANNEL_BLOCKED
     if g.stride[1] not in BLOCKED_COLUMN_STRIDES:
         return False
-    return _blocked_correlation_pays(g.in_channels, g.out_channels, g.out_width, itemsize)
+    return _blocked_correlation_pays(g.in_channels, g.out_channels, g.out_width, itemsize,
+                                     g.batch >= ONE_VECTOR_MIN_BATCH)
 
 
 def blocked_input_gradient(geometry, itemsize):
@@ -518,7 +535,8 @@ def blocked_input_gradient(geometry, itemsize):
         return False
     if FORCE_CHANNEL_BLOCKED is not None:
         return FORCE_CHANNEL_BLOCKED
-    return (_blocked_correlation_pays(g.out_channels, g.in_channels, g.width, itemsize)
+    return (_blocked_correlation_pays(g.out_channels, g.in_channels, g.width, itemsize,
+                                      g.batch >= ONE_VECTOR_MIN_BATCH and g.stride == (1, 1))
             and (g.stride == (1, 1) or g.width <= CHANNEL_BLOCKED_MAX_WIDTH))
 
 

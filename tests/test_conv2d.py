@@ -467,7 +467,9 @@ def check_grid_unpacking(channels, filters, batch, threads, dtype, rng):
     (72, 72, 28, False, False),     # 9/10 filled, wide
     (64, 36, 28, False, True),      # 36 of 48 lanes written by the forward
     (40, 40, 7, False, False),      # 5/6 filled
-    (16, 64, 28, False, False),     # one vector of channels read (forward) / written
+    (16, 64, 28, True, False),      # one vector of channels read (forward) / written
+    (64, 16, 28, False, True),      # written (forward) / one vector read
+    (8, 64, 28, False, False),      # half a vector read (forward) / written
 ])
 def test_blocked_layout_rules(channels, filters, width, forward, input_gradient):
     # the layout choice documented beside _blocked_correlation_pays, float32 (16 lanes)
@@ -475,6 +477,30 @@ def test_blocked_layout_rules(channels, filters, width, forward, input_gradient)
                               "test")
     assert _conv_plan.blocked_forward(g, 4) == forward
     assert _conv_plan.blocked_input_gradient(g, 4) == input_gradient
+
+
+@pytest.mark.parametrize("batch, stride, forward, input_gradient", [
+    (8, 1, True, True), (16, 1, True, True), (4, 1, False, False), (1, 1, False, False),
+    (8, 2, True, False),  # a strided input gradient needs two vectors read
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reading_one_vector_of_channels_takes_a_batch_of_8(batch, stride, forward,
+                                                           input_gradient, dtype):
+    lanes = _conv_plan.VECTOR_BYTES // np.dtype(dtype).itemsize
+    # one vector of channels in, two filled vectors of filters out, and the other way round
+    one_to_two = _args.conv2d_geometry((batch, lanes, 28, 28), (2 * lanes, lanes, 3, 3),
+                                       stride, 1, 1, 1, "test")
+    two_to_one = _args.conv2d_geometry((batch, 2 * lanes, 28, 28), (lanes, 2 * lanes, 3, 3),
+                                       stride, 1, 1, 1, "test")
+    itemsize = np.dtype(dtype).itemsize
+    assert _conv_plan.blocked_forward(one_to_two, itemsize) == forward
+    assert _conv_plan.blocked_input_gradient(two_to_one, itemsize) == input_gradient
+    # two vectors read: any batch and stride (up to 28 pixels wide)
+    two_to_two = _args.conv2d_geometry((batch, 2 * lanes, 28, 28), (2 * lanes, 2 * lanes, 3, 3),
+                                       stride, 1, 1, 1, "test")
+    assert _conv_plan.blocked_forward(two_to_two, itemsize)
+    assert _conv_plan.blocked_input_gradient(two_to_two, itemsize)
+
 
 def test_inf_propagates_like_reference(rng):
     case = ConvCase(2, 3, 7, 7, 4, 3, 3, padding=1)
