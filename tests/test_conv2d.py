@@ -486,13 +486,13 @@ def test_blocked_layout_rules(channels, filters, width, forward, input_gradient)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_reading_one_vector_of_channels_takes_a_batch_of_8(batch, stride, forward,
                                                            input_gradient, dtype):
-    lanes = _conv_plan.VECTOR_BYTES // np.dtype(dtype).itemsize
+    itemsize = np.dtype(dtype).itemsize
+    lanes = _conv_plan.VECTOR_BYTES // itemsize
     # one vector of channels in, two filled vectors of filters out, and the other way round
     one_to_two = _args.conv2d_geometry((batch, lanes, 28, 28), (2 * lanes, lanes, 3, 3),
                                        stride, 1, 1, 1, "test")
     two_to_one = _args.conv2d_geometry((batch, 2 * lanes, 28, 28), (lanes, 2 * lanes, 3, 3),
                                        stride, 1, 1, 1, "test")
-    itemsize = np.dtype(dtype).itemsize
     assert _conv_plan.blocked_forward(one_to_two, itemsize) == forward
     assert _conv_plan.blocked_input_gradient(two_to_one, itemsize) == input_gradient
     # two vectors read: any batch and stride (up to 28 pixels wide)
