@@ -1,5 +1,6 @@
-"""numba_cnn._kernels._linking: while our parallel kernels compile, the wrapper libraries around
-their loop bodies get no machine code of their own; other code compiles as Numba does it."""
+"""numba_cnn._kernels._linking: while our parallel kernels compile, their loop bodies and the
+wrapper libraries around them get no machine code of their own; other code compiles as Numba
+does it."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ SCRIPT = """
 import json
 import numba
 import numpy as np
-from numba.core import codegen
+from numba.core import codegen, compiler
 from numba_cnn._kernels import _linking, elementwise
 
 # every library Numba generates machine code for, by name
@@ -39,7 +40,8 @@ print(json.dumps({
                        and np.array_equal(mask, x <= 0)),
     "users_right": bool(np.array_equal(users_out, 2 * x)),
     "ours_loaded": sum(elementwise.relu_forward.stats.cache_hits.values()),
-    "numba_finalize_back": codegen.CPUCodeLibrary.finalize is _linking._NUMBA_FINALIZE}))
+    "numba_finalize_back": codegen.CPUCodeLibrary.finalize is _linking._NUMBA_FINALIZE,
+    "numba_compile_ir_back": compiler.compile_ir is _linking._NUMBA_COMPILE_IR}))
 """
 
 
@@ -57,17 +59,26 @@ def _wrappers(names):
             or name.startswith("<numba.np.ufunc.wrappers._GufuncWrapper")]
 
 
-def test_our_parallel_kernels_generate_no_wrapper_code_and_others_are_untouched(tmp_path):
+def _bodies(names):
+    return [name for name in names if name.startswith("__numba_parfor_gufunc_")]
+
+
+def test_our_parallel_kernels_generate_no_body_or_wrapper_code_and_others_are_untouched(
+        tmp_path):
     compiled = _run(tmp_path / "cache")
     assert compiled["ours_right"] and compiled["users_right"]
-    assert compiled["numba_finalize_back"]
+    assert compiled["numba_finalize_back"] and compiled["numba_compile_ir_back"]
     assert any("relu_forward" in name for name in compiled["ours"]), compiled["ours"]
-    # a user's parallel function, compiled after ours, goes through Numba's own finalize
+    # a user's parallel function, compiled after ours, goes through Numba's own lowering and
+    # finalize
     assert len(_wrappers(compiled["users"])) == 2, compiled["users"]
+    assert len(_bodies(compiled["users"])) == 1, compiled["users"]
     if compiled["supported"]:
-        assert _wrappers(compiled["ours"]) == [], compiled["ours"]
+        assert _wrappers(compiled["ours"]) == [] and _bodies(compiled["ours"]) == [], (
+            compiled["ours"])
     else:  # a Numba the hook was not verified with: as Numba does it
         assert len(_wrappers(compiled["ours"])) == 2, compiled["ours"]
+        assert len(_bodies(compiled["ours"])) == 1, compiled["ours"]
     # the kernel compiled that way is cached, and a second process computes the same with it
     loaded = _run(tmp_path / "cache")
     assert loaded["ours_right"] and loaded["users_right"]
@@ -79,3 +90,4 @@ def test_numba_cnn_link_once_0_turns_the_hook_off(tmp_path):
     assert not compiled["supported"]
     assert compiled["ours_right"]
     assert len(_wrappers(compiled["ours"])) == 2, compiled["ours"]
+    assert len(_bodies(compiled["ours"])) == 1, compiled["ours"]

@@ -1,37 +1,48 @@
-"""Each parallel kernel's loop body optimised and compiled to machine code twice, not four times.
+"""Each parallel kernel's loop body optimised and compiled to machine code once, not four times.
 
 Numba lowers a ``prange`` loop into three code libraries: the loop body as a gufunc, a wrapper
 that unpacks the gufunc's arguments, and a wrapper that hands that one to the thread pool. The
 kernel's library links the last, which links the one before, which links the body. Linking a
 library finalizes it, and finalizing runs LLVM's optimiser and code generator over everything
-linked into it, so each wrapper optimised and compiled the whole body again. Of the four copies
-of the body only two ever run: the kernel's own (the one that is cached and loaded by later
-processes) and, in the process that compiled it, the body library's (the kernel's calls resolve
-to it there).
+linked into it, so each wrapper optimised and compiled the whole body again; and the body was
+compiled to machine code on its own, with a CPython wrapper, when Numba lowered it. Of the four
+copies of the body only the kernel's runs in later processes (it is the one that is cached), and
+nothing calls the body from Python.
 
-So while Numba compiles a numba_cnn function, the two wrapper libraries are finalized without
-optimisation and without machine code: they are linked, marked finalized, and their IR is
-optimised and compiled in the kernel's library, which links it anyway. Cold compile of a
-Conv2D forward and backward (fresh cache, first call of each) on the project machine: 32 -> 40
-channels at 12x12 19.7 -> 14.8-15.2 s, 64 -> 64 at 32x32 stride 2 17.7 -> 13.5-14.2 s, 8 -> 8
-9.5-9.9 -> 7.8-8.0 s. The kernels compute the same results (``correlate``'s machine code differs
-in register allocation outside its tiles). Same-process A/B of the three passes on 13 shapes,
-both copies loaded from the cache: 0.95-1.02, and the four below 0.98 did not repeat in longer
-runs (z2dl's weight gradient, 0.96 twice, read 1.00 with the import order swapped).
+So while Numba compiles a numba_cnn function:
+- the loop body is lowered with Numba's ``no_compile`` flag (and without CPython or C wrappers):
+  its IR is built and function-optimised as usual, but Numba neither finalizes it nor asks for
+  its machine code;
+- the body's library and the two wrapper libraries are then finalized by linking alone: they are
+  marked finalized without optimisation or machine code of their own, and the kernel's library,
+  which links them anyway, optimises and compiles their IR once.
+
+Cold compile of a Conv2D forward and backward (fresh cache, first call of each) on the project
+machine, wrappers only (06495ae): 32 -> 40 channels at 12x12 19.7 -> 14.8-15.2 s, 64 -> 64 at
+32x32 stride 2 17.7 -> 13.5-14.2 s, 8 -> 8 9.5-9.9 -> 7.8-8.0 s; and the body too, alternating
+runs under load: 32 -> 40 at stride 2 16.6-16.9 -> 12.4-14.5 s. Same-process A/B of the
+kernels loaded from the cache: the same speed (0.98-1.03 on the 13 bench shapes' three passes,
+transposed 1.00-1.01, pooling within noise), the same results.
+
+In the process that compiled a kernel its body's environment (Numba's ``NumbaEnv`` global, used
+to raise exceptions with run-time values) is then never set, just as in every process that loads
+the kernel from the cache: our kernels raise only constant messages.
 
 The hook is narrow:
 - it acts only while Numba compiles one of numba_cnn's functions (``numba:compile`` events, which
   Numba sends holding its global compiler lock; libraries are finalized only under that lock, so
-  no other code is finalized meanwhile), and the class it patches is restored afterwards;
-- it skips only libraries named as Numba names the two wrappers (a renamed wrapper is finalized as
-  usual);
+  no other code is finalized meanwhile), and the function and method it patches are restored
+  afterwards;
+- it skips only the two wrappers (by the names Numba gives them) and the bodies it lowered itself
+  without machine code (a body lowered any other way is finalized as usual: its machine code is
+  needed then);
 - only on the Numba versions of VERIFIED_NUMBA (others compile as usual, just slower);
 - ``NUMBA_CNN_LINK_ONCE=0`` turns it off.
 """
 import os
 
 import numba
-from numba.core import codegen, event
+from numba.core import codegen, compiler, event
 
 # Numba (major, minor) versions whose parfor lowering this was measured and tested with
 VERIFIED_NUMBA = ((0, 68),)
@@ -40,13 +51,35 @@ VERIFIED_NUMBA = ((0, 68),)
 _THREAD_POOL_WRAPPER = "parallelgufuncwrapper"
 _ARGUMENT_WRAPPER_PREFIX = "<numba.np.ufunc.wrappers._GufuncWrapper object"
 _PACKAGE = __name__.partition(".")[0] + "."  # numba_cnn, or the name of a vendored copy
+# the name numba.parfors.parfor_lowering gives a prange loop's body (its function and library)
+_LOOP_BODY_PREFIX = "__numba_parfor_gufunc_"
 _LIBRARY = codegen.CPUCodeLibrary
 _NUMBA_FINALIZE = _LIBRARY.finalize
+_NUMBA_COMPILE_IR = compiler.compile_ir
+# the loop bodies lowered without machine code during the current compile: link them only
+_bodies_to_link = set()
 
 
 def _is_wrapper(library):
     name = library.name
     return name == _THREAD_POOL_WRAPPER or name.startswith(_ARGUMENT_WRAPPER_PREFIX)
+
+
+def _compile_ir(typingctx, targetctx, func_ir, args, return_type, flags, *more, **options):
+    """``numba.core.compiler.compile_ir`` while a numba_cnn function compiles: as Numba's, but a
+    prange loop's body is lowered without machine code or wrappers (see the module docstring),
+    and its library is left to ``_finalize`` to link."""
+    if not func_ir.func_id.func_qualname.startswith(_LOOP_BODY_PREFIX):
+        return _NUMBA_COMPILE_IR(typingctx, targetctx, func_ir, args, return_type, flags, *more,
+                                 **options)
+    flags = flags.copy()
+    flags.no_compile = True
+    flags.no_cpython_wrapper = True
+    flags.no_cfunc_wrapper = True
+    result = _NUMBA_COMPILE_IR(typingctx, targetctx, func_ir, args, return_type, flags, *more,
+                               **options)
+    _bodies_to_link.add(result.library)
+    return result
 
 
 def _skip_optimisation():
@@ -55,9 +88,10 @@ def _skip_optimisation():
 
 def _finalize(library):
     """``CPUCodeLibrary.finalize`` while a numba_cnn function compiles: as Numba's, but a
-    wrapper library (see the module docstring) only links its libraries and is marked
-    finalized. The instance attributes shadow the two expensive steps of Numba's own method."""
-    if _is_wrapper(library):
+    wrapper library or a loop body lowered by ``_compile_ir`` (see the module docstring) only
+    links its libraries and is marked finalized. The instance attributes shadow the two
+    expensive steps of Numba's own method."""
+    if _is_wrapper(library) or library in _bodies_to_link:
         library._optimize_final_module = _skip_optimisation
 
         def mark_finalized():
@@ -67,8 +101,8 @@ def _finalize(library):
 
 
 class _OurCompiles(event.Listener):
-    """Installs ``_finalize`` for the outermost compile of a numba_cnn function, and puts
-    Numba's method back when it ends (also when it raises)."""
+    """Installs ``_finalize`` and ``_compile_ir`` for the outermost compile of a numba_cnn
+    function, and puts Numba's back when it ends (also when it raises)."""
 
     def __init__(self):
         self.depth = 0
@@ -82,12 +116,15 @@ class _OurCompiles(event.Listener):
         if self._ours(ev):
             self.depth += 1
             _LIBRARY.finalize = _finalize
+            compiler.compile_ir = _compile_ir
 
     def on_end(self, ev):
         if self._ours(ev):
             self.depth -= 1
             if self.depth == 0:
                 _LIBRARY.finalize = _NUMBA_FINALIZE
+                compiler.compile_ir = _NUMBA_COMPILE_IR
+                _bodies_to_link.clear()
 
 
 def supported():
@@ -95,7 +132,9 @@ def supported():
     version = tuple(int(part) for part in numba.__version__.split(".")[:2])
     return (version in VERIFIED_NUMBA and os.environ.get("NUMBA_CNN_LINK_ONCE", "1") != "0"
             and all(hasattr(_LIBRARY, name) for name in (
-                "_optimize_final_module", "_finalize_final_module", "_finalized")))
+                "_optimize_final_module", "_finalize_final_module", "_finalized"))
+            and all(hasattr(compiler.Flags, name) for name in (
+                "no_compile", "no_cpython_wrapper", "no_cfunc_wrapper")))
 
 
 LISTENER = _OurCompiles()
