@@ -5,6 +5,8 @@ and the channel-blocked weight gradient with its layout kernels.
 The convolution tests reach these kernels through the plans; here the arguments are drawn
 directly, so every tile width (1..VECTORS vectors) and both row counts run on random taps.
 """
+import re
+
 import numba
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ from numba_cnn._conv_plan import Grid, phase_crops
 from numba_cnn._kernels.layout import (gather_blocked_weights, pack_channel_blocks,
                                        pack_channel_image, pack_grid_image, pack_phases,
                                        unblock_grad_weight, unblock_output, unpack_phases)
-from numba_cnn._kernels.register_tile import BROADCAST_PIXELS, VECTOR_BYTES, VECTORS
+from numba_cnn._kernels.register_tile import (BROADCAST_PIXELS, BROADCAST_VECTORS, VECTOR_BYTES,
+                                              VECTORS, run_broadcast_tile)
 
 
 def correlation_by_formula(src, src_image_stride, offsets, weight, out_shape, phase_taps=None,
@@ -654,6 +657,35 @@ def test_blocked_correlation_refuses_slots_or_outputs_that_do_not_fit():
                              np.array([[0, 1]] * 3), np.ones((1, 1, 16), dtype=np.float32),
                              np.empty((packed.shape[0], 2, 1, 3, 16), dtype=np.float32), True,
                              np.zeros(16, np.float32), np.empty((1, 16, 3, 3), np.float32), 1, 1)
+
+
+def test_broadcast_tiles_compile_once_and_inline_into_their_callers(rng):
+    # Numba compiles the broadcast tiles' dispatch as a function of its own (run_broadcast_tile
+    # does not copy them into its callers' IR), and LLVM inlines it: the caller's optimised IR
+    # calls no dispatch, and computes every tile shape
+    @numba.njit
+    def run(vectors, pixels, src, offsets, weight, out):
+        terms, lanes = offsets.shape[0], weight.shape[2]
+        run_broadcast_tile(vectors, pixels, src.reshape(-1), 1, offsets, weight.reshape(-1),
+                           0, terms * lanes, out.reshape(-1), 0, pixels * lanes, terms)
+
+    lanes, terms = VECTOR_BYTES // 4, 5
+    src = rng.standard_normal(64 + BROADCAST_PIXELS * lanes).astype(np.float32)
+    offsets = rng.integers(0, 64, size=terms).astype(np.int64)
+    for vectors in (1, BROADCAST_VECTORS):
+        weight = rng.standard_normal((vectors, terms, lanes)).astype(np.float32)
+        for pixels in range(1, BROADCAST_PIXELS + 1):
+            out = np.full((vectors, pixels, lanes), np.nan, dtype=np.float32)
+            run(vectors, pixels, src, offsets, weight, out)
+            inputs = src[1 + offsets[None, :] + lanes * np.arange(pixels)[:, None]]  # (J, T)
+            np.testing.assert_allclose(out, np.einsum("jt,vtl->vjl", inputs, weight),
+                                       rtol=1e-5, atol=1e-5)
+    dispatches = [cell.cell_contents for cell in run_broadcast_tile.py_func.__closure__
+                  if isinstance(cell.cell_contents, numba.core.registry.CPUDispatcher)]
+    assert len(dispatches) == 2 and all(dispatch.signatures for dispatch in dispatches)
+    optimised = run.inspect_llvm(run.signatures[0])
+    assert "llvm.fma" in optimised
+    assert not re.search(r"call [^\n]*dispatch", optimised)
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["forward", "input_gradient"])
