@@ -1,4 +1,4 @@
-"""Each parallel kernel's loop body optimised and compiled to machine code once, not four times.
+"""Each parallel kernel's loop body compiled to machine code once, not four times.
 
 Numba lowers a ``prange`` loop into three code libraries: the loop body as a gufunc, a wrapper
 that unpacks the gufunc's arguments, and a wrapper that hands that one to the thread pool. The
@@ -13,20 +13,26 @@ So while Numba compiles a numba_cnn function:
 - the loop body is lowered with Numba's ``no_compile`` flag (and without CPython or C wrappers):
   its IR is built and function-optimised as usual, but Numba neither finalizes it nor asks for
   its machine code;
-- the body's library and the two wrapper libraries are then finalized by linking alone: they are
-  marked finalized without optimisation or machine code of their own, and the kernel's library,
-  which links them anyway, optimises and compiles their IR once.
+- the body's library is then finalized without machine code: LLVM's optimiser runs over it
+  as before, and it is marked finalized;
+- the two wrapper libraries are finalized by linking alone, without optimisation or machine
+  code of their own;
+- the kernel's library, which links all three anyway, optimises and compiles their IR.
+
+The body keeps its own optimisation because the kernels were tuned with it. Without it, with
+the body optimised once in the kernel, the machine code around the register tiles came out
+different (e.g. ``unblock_grad_weight`` 1,970 instructions instead of 2,597), and res14 stride
+2's input gradient measured 1-2% slower in same-process A/B runs (weight gradient: about 1%
+either way, within this machine's noise). It costs 0.3-0.5 s of cold compile per layer.
 
 Cold compile of a Conv2D forward and backward (fresh cache, first call of each) on the project
 machine, wrappers only (06495ae): 32 -> 40 channels at 12x12 19.7 -> 14.8-15.2 s, 64 -> 64 at
 32x32 stride 2 17.7 -> 13.5-14.2 s, 8 -> 8 9.5-9.9 -> 7.8-8.0 s; and the body too, alternating
-runs under load: 32 -> 40 at stride 2 16.6-16.9 -> 12.4-14.5 s. Same-process A/B of the
-kernels loaded from the cache: the same speed (0.98-1.03 on the 13 bench shapes' three passes,
-transposed 1.00-1.01, pooling within noise), the same results.
+runs under load: 32 -> 40 at stride 2 about 2 s less (15.4-17.5 -> 13-14.7 s). Same-process
+A/B of the kernels loaded from the cache: the same results, the same speed within 1-2%.
 
-In the process that compiled a kernel its body's environment (Numba's ``NumbaEnv`` global, used
-to raise exceptions with run-time values) is then never set, just as in every process that loads
-the kernel from the cache: our kernels raise only constant messages.
+In the process that compiled a kernel its body's environment (Numba's ``NumbaEnv`` global) is
+then never set, just as in every process that loads the kernel from the cache.
 
 The hook is narrow:
 - it acts only while Numba compiles one of numba_cnn's functions (``numba:compile`` events, which
@@ -87,16 +93,17 @@ def _skip_optimisation():
 
 
 def _finalize(library):
-    """``CPUCodeLibrary.finalize`` while a numba_cnn function compiles: as Numba's, but a
-    wrapper library or a loop body lowered by ``_compile_ir`` (see the module docstring) only
-    links its libraries and is marked finalized. The instance attributes shadow the two
-    expensive steps of Numba's own method."""
-    if _is_wrapper(library) or library in _bodies_to_link:
-        library._optimize_final_module = _skip_optimisation
-
+    """``CPUCodeLibrary.finalize`` while a numba_cnn function compiles: as Numba's, but a loop
+    body lowered by ``_compile_ir`` gets no machine code, and a wrapper library is not
+    optimised either (see the module docstring): they are marked finalized. The instance
+    attributes shadow the expensive steps of Numba's own method."""
+    wrapper = _is_wrapper(library)
+    if wrapper or library in _bodies_to_link:
         def mark_finalized():
             library._finalized = True
         library._finalize_final_module = mark_finalized
+    if wrapper:
+        library._optimize_final_module = _skip_optimisation
     _NUMBA_FINALIZE(library)
 
 
