@@ -22,14 +22,18 @@ So while Numba compiles a numba_cnn function:
 The body keeps its own optimisation because the kernels were tuned with it. Without it, with
 the body optimised once in the kernel, the machine code around the register tiles came out
 different (e.g. ``unblock_grad_weight`` 1,970 instructions instead of 2,597), and res14 stride
-2's input gradient measured 1-2% slower in same-process A/B runs (weight gradient: about 1%
-either way, within this machine's noise). It costs 0.3-0.5 s of cold compile per layer.
+2's input gradient measured 1-2% slower in same-process A/B runs, 0-0.25% with the body
+optimised; that costs 0.3-0.5 s of cold compile per layer. The code still differs from
+Numba's own (2,487 instructions against 2,597): the kernel used to link the body's IR after the code
+generator had run over it in place, which we skip. Measured effect, same-process A/B against
+61a2638, both orders: res14 stride 2's weight gradient 1-2% slower; every other pass of the
+13 bench shapes and the transposed ones within 2% either way (mnist1's forward 5-7% faster).
 
 Cold compile of a Conv2D forward and backward (fresh cache, first call of each) on the project
 machine, wrappers only (06495ae): 32 -> 40 channels at 12x12 19.7 -> 14.8-15.2 s, 64 -> 64 at
 32x32 stride 2 17.7 -> 13.5-14.2 s, 8 -> 8 9.5-9.9 -> 7.8-8.0 s; and the body too, alternating
-runs under load: 32 -> 40 at stride 2 about 2 s less (15.4-17.5 -> 13-14.7 s). Same-process
-A/B of the kernels loaded from the cache: the same results, the same speed within 1-2%.
+runs: 1-4 s less per layer (32 -> 40 at stride 2 18.3-18.5 -> 14.3-17.5 s on a loaded
+machine; see the README's compile table).
 
 In the process that compiled a kernel its body's environment (Numba's ``NumbaEnv`` global) is
 then never set, just as in every process that loads the kernel from the cache.
