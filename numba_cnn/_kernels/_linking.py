@@ -19,15 +19,15 @@ So while Numba compiles a numba_cnn function:
   code of their own;
 - the kernel's library, which links all three anyway, optimises and compiles their IR.
 
-The body keeps its own optimisation because the kernels were tuned with it. Without it, with
-the body optimised once in the kernel, the machine code around the register tiles came out
-different (e.g. ``unblock_grad_weight`` 1,970 instructions instead of 2,597), and res14 stride
-2's input gradient measured 1-2% slower in same-process A/B runs, 0-0.25% with the body
-optimised; that costs 0.3-0.5 s of cold compile per layer. The code still differs from
-Numba's own (2,487 instructions against 2,597): the kernel used to link the body's IR after the code
-generator had run over it in place, which we skip. Measured effect, same-process A/B against
-61a2638, both orders: res14 stride 2's weight gradient 1-2% slower; every other pass of the
-13 bench shapes and the transposed ones within 2% either way (mnist1's forward 5-7% faster).
+The body keeps its own optimisation because the kernels were tuned with it. Without it, with the
+body optimised once in the kernel, the machine code around the register tiles came out different
+(e.g. ``unblock_grad_weight`` 1,970 instructions instead of 2,597), and res14 stride 2's input
+gradient measured 1-2% slower in same-process A/B runs, 0-0.25% with the body optimised; that
+costs 0.3-0.5 s of cold compile per layer. The code still differs from Numba's own (2,487
+instructions against 2,597): the kernel used to link the body's IR after the code generator had
+run over it in place, which we skip. Measured effect, same-process A/B against 61a2638, both
+orders: res14 stride 2's weight gradient 1-2% slower; every other pass of the 13 bench shapes
+and the transposed ones within 2% either way (mnist1's forward 5-7% faster).
 
 Cold compile of a Conv2D forward and backward (fresh cache, first call of each) on the project
 machine, wrappers only (06495ae): 32 -> 40 channels at 12x12 19.7 -> 14.8-15.2 s, 64 -> 64 at
