@@ -66,7 +66,8 @@ _LOOP_BODY_PREFIX = "__numba_parfor_gufunc_"
 _LIBRARY = codegen.CPUCodeLibrary
 _NUMBA_FINALIZE = _LIBRARY.finalize
 _NUMBA_COMPILE_IR = compiler.compile_ir
-# the loop bodies lowered without machine code during the current compile: link them only
+# the loop bodies lowered without machine code during the current compile: _finalize optimises
+# and links them, and generates no code
 _bodies_to_link = set()
 
 
@@ -78,7 +79,7 @@ def _is_wrapper(library):
 def _compile_ir(typingctx, targetctx, func_ir, args, return_type, flags, *more, **options):
     """``numba.core.compiler.compile_ir`` while a numba_cnn function compiles: as Numba's, but a
     prange loop's body is lowered without machine code or wrappers (see the module docstring),
-    and its library is left to ``_finalize`` to link."""
+    and its library is left to ``_finalize``."""
     if not func_ir.func_id.func_qualname.startswith(_LOOP_BODY_PREFIX):
         return _NUMBA_COMPILE_IR(typingctx, targetctx, func_ir, args, return_type, flags, *more,
                                  **options)

@@ -436,7 +436,7 @@ def _literal_dispatch(tiles, arguments, separate=False):
     ``separate``: Numba compiles the dispatch as a function of its own, typed and lowered once,
     and LLVM inlines it (``_inline_into_callers``), so the machine code is the same. Inlined in
     Numba's IR, its tiles were typed twice and copied through the parfor passes of every
-    parallel kernel calling it: the 14 broadcast tiles cost ``blocked_correlate`` 0.7-1.0 s of
+    parallel kernel calling it: the 14 broadcast tiles cost ``blocked_correlate`` about 1 s of
     its 3.6-4.5 s cold compile. Called without LLVM's inlining, the blocked passes ran 1-2%
     slower (a call per tile). The other dispatches, of 6 tiles or 3, compiled no faster
     separately."""
