@@ -4,7 +4,10 @@
                     [--cases res28,mnist1] [--dtype float64] [--json FILE]
 
 Each library runs in its own process with the same thread count (Numba's and PyTorch's thread
-pools never share a process), warms up, and reports the median of repeated calls. The table
+pools never share a process), warms up, and reports the median of repeated calls. The processes
+stay up for the whole run and take turns case by case: with ``--rounds R`` each library times
+each case R times, alternating with the others, so that the timings a ratio compares are taken
+seconds apart (the shared machine's speed drifts over minutes). The table
 gives milliseconds, GFLOP/s and the ratios ``other time / our time`` (> 1 means we are faster).
 Forward+backward computes the input, weight and bias gradients in every library.
 """
@@ -13,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -52,6 +56,7 @@ OPS = {"conv2d": CASES, "conv_transpose2d": TRANSPOSED_CASES, "pool2d": POOL_CAS
 SGEMM = "sgemm"  # the numpy worker's result for a SGEMM_SIZE^2 float32 matmul
 SGEMM_SIZE = 2048
 LIBRARIES = ("numba_cnn", "torch", "numpy")
+SETTLE_SECONDS = 0.25  # between two workers' turns (_Worker.measure)
 
 
 def conv_flops(name):
@@ -214,46 +219,124 @@ def _make_runner(library, name, dtype):
     return (lambda: im2col.conv2d(x, weight, bias, s, p, d)), forward_backward
 
 
-def _worker(library, case_names, dtype, quick):
+def _serve(library, dtype, quick):
+    """A worker process's loop: one request per line of stdin, a case name or SGEMM (the
+    machine's sgemm rate, the yardstick of issue 7's "85% of sgemm"; any library can run it,
+    the numpy worker does), answered by one line of JSON on stdout: {"forward": seconds,
+    "forward_backward": seconds}, or {"error": text} if the case failed. Only the current
+    case's arrays are kept alive."""
+    # the answers get stdout's file of their own; anything else printed goes to stderr
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     if library == "torch":
         import torch
         torch.set_num_threads(int(os.environ["NUMBA_NUM_THREADS"]))
-    results = {}
     min_repeats, min_seconds = (3, 0.2) if quick else (10, 1.0)
-    if library == "numpy":
-        # the machine's sgemm rate in this run, the yardstick of issue 7's "85% of sgemm"
-        rng = np.random.default_rng(0)
-        a, b = (rng.standard_normal((SGEMM_SIZE, SGEMM_SIZE)).astype(np.float32)
-                for _ in range(2))
-        results[SGEMM] = {"forward": _median_seconds(lambda: a @ b, min_repeats, min_seconds)}
-    for name in case_names:
-        forward, forward_backward = _make_runner(library, name, dtype)
-        results[name] = {
-            "forward": _median_seconds(forward, min_repeats, min_seconds),
-            "forward_backward": _median_seconds(forward_backward, min_repeats, min_seconds),
-        }
-    return results
+    runners = {}
+    for line in sys.stdin:
+        name = line.strip()
+        try:
+            if name == SGEMM:
+                rng = np.random.default_rng(0)
+                a, b = (rng.standard_normal((SGEMM_SIZE, SGEMM_SIZE)).astype(np.float32)
+                        for _ in range(2))
+                answer = {"forward": _median_seconds(lambda: a @ b, min_repeats, min_seconds)}
+                del a, b
+            else:
+                if name not in runners:
+                    runners.clear()  # the previous case's arrays first
+                    runners[name] = _make_runner(library, name, dtype)
+                forward, forward_backward = runners[name]
+                answer = {
+                    "forward": _median_seconds(forward, min_repeats, min_seconds),
+                    "forward_backward": _median_seconds(forward_backward, min_repeats,
+                                                        min_seconds),
+                }
+        except Exception:
+            import traceback
+            answer = {"error": traceback.format_exc()[-2000:]}
+        print(json.dumps(answer), file=answers, flush=True)
 
 
 def _median_over_rounds(runs):
-    """{case: {kind: seconds}} per round -> the median per case and kind (None if a run
-    failed every round)."""
+    """{case: {kind: seconds}} per round -> the median per case and kind over the rounds that
+    have it (None if no round has any case)."""
     runs = [run for run in runs if run]
     if not runs:
         return None
-    return {name: {kind: float(np.median([run[name][kind] for run in runs]))
-                   for kind in runs[0][name]} for name in runs[0]}
+    names = list(dict.fromkeys(name for run in runs for name in run))
+    return {name: {kind: float(np.median([run[name][kind] for run in runs if name in run]))
+                   for kind in next(run[name] for run in runs if name in run)}
+            for name in names}
 
 
-def _run_library(library, case_names, dtype, threads, quick):
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    command = [sys.executable, "-m", "numba_cnn.bench", "--worker", library, "--cases",
-               ",".join(case_names), "--dtype", dtype] + (["--quick"] if quick else [])
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"[{library} failed]\n{done.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class _Worker:
+    """One library's worker process (``_serve``), kept for the whole run."""
+
+    def __init__(self, library, dtype, threads, quick):
+        self.library = library
+        env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+        command = [sys.executable, "-m", "numba_cnn.bench", "--worker", library, "--dtype",
+                   dtype] + (["--quick"] if quick else [])
+        # (stderr to a file: a pipe nobody reads until the end could fill and block it)
+        self.errors = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.errors, text=True)
+        self.alive = True
+
+    def measure(self, name):
+        """The worker's timings of case ``name`` (or SGEMM), or None if it failed."""
+        if not self.alive:
+            return None
+        # Let the worker that ran last go quiet first: OpenBLAS's threads spin for about 0.1 s
+        # after a call, libgomp's and TBB's for less.
+        time.sleep(SETTLE_SECONDS)
+        try:
+            self.process.stdin.write(name + "\n")
+            self.process.stdin.flush()
+            answer = self.process.stdout.readline()
+        except BrokenPipeError:
+            answer = ""
+        if not answer:  # the process ended: reported once, its later cases left out
+            self.alive = False
+            self.process.wait()
+            self.errors.seek(0)
+            print(f"[{self.library} failed]\n{self.errors.read()[-2000:]}", file=sys.stderr)
+            return None
+        answer = json.loads(answer)
+        if "error" in answer:
+            print(f"[{self.library} failed on {name}]\n{answer['error']}", file=sys.stderr)
+            return None
+        return answer
+
+    def close(self):
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.process.wait()
+        self.errors.close()
+
+
+def _run_rounds(libraries, case_names, dtype, threads, quick, round_count):
+    """{library: [{case: timings} per round]}: case by case, each round asks every library
+    in turn (the numpy worker also times SGEMM first), so that the timings a ratio compares
+    are taken seconds apart, not minutes (the machine's speed drifts over minutes)."""
+    workers = {library: _Worker(library, dtype, threads, quick) for library in libraries}
+    rounds = {library: [{} for _ in range(round_count)] for library in libraries}
+    try:
+        for name in [SGEMM] + list(case_names):
+            for each_round in range(round_count):
+                for library, worker in workers.items():
+                    if name == SGEMM and library != "numpy":
+                        continue
+                    timings = worker.measure(name)
+                    if timings is not None:
+                        rounds[library][each_round][name] = timings
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return rounds
 
 
 def main(argv=None):
@@ -268,9 +351,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--libraries", default=",".join(LIBRARIES))
     parser.add_argument("--rounds", type=int, default=1,
-                        help="run every library this many times, alternating, and report "
-                             "each time's median over the rounds (the machine's load drifts "
-                             "over minutes; alternating rounds spread that over all libraries)")
+                        help="time every case this many times in every library, the "
+                             "libraries taking turns case by case, and report each time's "
+                             "median over the rounds (the machine's load drifts over minutes; "
+                             "alternating spreads that over all libraries)")
     parser.add_argument("--json", dest="json_file", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -285,7 +369,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(ALL_CASES)}")
     if args.worker:
-        print(json.dumps(_worker(args.worker, case_names, args.dtype, args.quick)))
+        _serve(args.worker, args.dtype, args.quick)
         return 0
     libraries = []
     for library in args.libraries.split(","):
@@ -295,11 +379,8 @@ def main(argv=None):
                 print("torch is not installed: skipping it", file=sys.stderr)
                 continue
         libraries.append(library)
-    rounds = {library: [] for library in libraries}
-    for _ in range(max(1, args.rounds)):
-        for library in libraries:
-            rounds[library].append(_run_library(library, case_names, args.dtype, args.threads,
-                                                args.quick))
+    rounds = _run_rounds(libraries, case_names, args.dtype, args.threads, args.quick,
+                         max(1, args.rounds))
     results = {library: _median_over_rounds(runs) for library, runs in rounds.items()}
     ours = results.get("numba_cnn") or {}
     header = (f"{'case':8} {'pass':8} {'ours ms':>9} {'GF/s':>7} {'torch ms':>9} {'GF/s':>7} "
