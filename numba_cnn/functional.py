@@ -20,6 +20,7 @@ from ._conv_plan import (BlockedInputGradPlan, ChannelBlockedPlan, ForwardPlan, 
                          blocked_weight_gradient, correlation_blocking, pack_blocked)
 from ._kernels.conv2d import (blocked_correlate, blocked_grad_weight, correlate,
                               correlate_grad_weight, ROW_TILE, TAP_TILE)
+from ._kernels.elementwise import channel_sums
 from ._kernels.layout import unblock_grad_weight, unblock_output, unpack_phases
 from ._kernels.register_tile import BROADCAST_PIXELS, BROADCAST_VECTORS
 
@@ -85,6 +86,15 @@ def _grid_output_slots(rows_per_group, tiles_per_task, out_rows, out_len, dtype)
     if threads * task_rows > out_rows:
         return None
     return aligned_empty((threads, task_rows, out_len), dtype)
+
+
+def _bias_gradient(grad_out):
+    """The bias gradient (F,): ``grad_out`` (N, F, OH, OW), C-contiguous, summed over N, OH
+    and OW (``elementwise.channel_sums``), in its dtype."""
+    grad_bias = np.empty(grad_out.shape[1], grad_out.dtype)
+    with threads_for(grad_out.size):
+        channel_sums(grad_out, grad_bias)
+    return grad_bias
 
 
 def _bias_values(bias, channels, dtype):
@@ -482,7 +492,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     geometry = _args.conv2d_geometry(x.shape, weight.shape, stride, padding, dilation, groups, op)
     _args.check_shape(grad_out, geometry.output_shape, "grad_out", op)
     grad_out = _contiguous(grad_out, dtype)
-    grad_bias = grad_out.sum(axis=(0, 2, 3), dtype=dtype) if need_bias else None
+    grad_bias = _bias_gradient(grad_out) if need_bias else None
     if geometry.batch == 0:
         return (np.zeros(geometry.input_shape, dtype), np.zeros(geometry.weight_shape, dtype),
                 grad_bias)
@@ -573,7 +583,7 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
                                                output_padding, dilation, groups, op)
     _args.check_shape(grad_out, geometry.output_shape, "grad_out", op)
     grad_out = _contiguous(grad_out, dtype)
-    grad_bias = grad_out.sum(axis=(0, 2, 3), dtype=dtype) if need_bias else None
+    grad_bias = _bias_gradient(grad_out) if need_bias else None
     if geometry.batch == 0:
         return (np.zeros(geometry.input_shape, dtype), np.zeros(geometry.weight_shape, dtype),
                 grad_bias)

@@ -312,6 +312,34 @@ def test_nan_propagates_to_exactly_its_windows(case, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (1, 1, 1, 1), (1, 3, 4, 4), (5, 2, 13, 1),
+                                   (2, 4, 33, 17)], ids=str)
+def test_bias_gradient_matches_float64_reference_sums(shape, dtype, rng, monkeypatch):
+    """``channel_sums``, the backward's bias gradient: each channel summed in float64, the
+    same bits at any thread count, and a NaN or inf only in its own channel."""
+    from numba_cnn import _threads
+    monkeypatch.setattr(_threads, "SERIAL_WORK", 0)  # these small arrays on the threads too
+    grad = rng.standard_normal(shape).astype(dtype)
+    expected = grad.astype(np.float64).sum(axis=(0, 2, 3))
+    summed = F._bias_gradient(grad)
+    assert summed.dtype == dtype and summed.shape == (shape[1],)
+    # float64: the sum's rounding error; float32: one rounding of the float64 sum
+    np.testing.assert_allclose(summed, expected, rtol=1e-13 if dtype == np.float64 else 1e-7,
+                               atol=1e-12)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        np.testing.assert_array_equal(F._bias_gradient(grad), summed)
+    finally:
+        numba.set_num_threads(threads)
+    grad[-1, 0, -1, -1] = np.nan
+    grad[0, -1, 0, 0] = np.inf if shape[1] > 1 else np.nan
+    summed = F._bias_gradient(grad)
+    assert np.isnan(summed[0]) and (shape[1] == 1 or np.isposinf(summed[-1]))
+    assert np.isfinite(summed[1:-1]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1), dict(padding="same", dilation=2),
                                     dict(stride=(1, 2), padding=(0, 1), dilation=(2, 1))],
                          ids=["s2", "same_dil2", "dil_s12"])
