@@ -33,6 +33,9 @@ def test_libraries_take_turns_case_by_case(monkeypatch):
         def __init__(self, library, dtype, threads, quick):
             self.library = library
 
+        def wait_ready(self):
+            asked.append((self.library, "ready"))
+
         def measure(self, name):
             asked.append((self.library, name))
             if (self.library, name) == ("torch", "res28"):
@@ -43,16 +46,16 @@ def test_libraries_take_turns_case_by_case(monkeypatch):
             asked.append((self.library, "closed"))
 
     monkeypatch.setattr(bench, "_Worker", Worker)
-    rounds = bench._run_rounds(["numba_cnn", "torch", "numpy"], ["mnist1", "res28"], "float32",
-                               2, True, 2)
     libraries = ["numba_cnn", "torch", "numpy"]
-    assert asked == ([("numpy", bench.SGEMM)] * 2  # the sgemm yardstick: the numpy worker's
+    rounds = bench._run_rounds(libraries, ["mnist1", "res28"], "float32", 2, True, 2)
+    assert asked == ([(library, "ready") for library in libraries]  # all started first
+                     + [("numpy", bench.SGEMM)] * 2  # the sgemm yardstick: the numpy worker's
                      + [(library, "mnist1") for library in libraries] * 2  # each round in turn
                      + [(library, "res28") for library in libraries] * 2
                      + [(library, "closed") for library in libraries])
-    assert rounds["numpy"][1] == {bench.SGEMM: {"forward": 2.0}, "mnist1": {"forward": 8.0},
-                                  "res28": {"forward": 14.0}}
-    assert rounds["torch"][0] == {"mnist1": {"forward": 4.0}}
+    assert rounds["numpy"][1] == {bench.SGEMM: {"forward": 5.0}, "mnist1": {"forward": 11.0},
+                                  "res28": {"forward": 17.0}}
+    assert rounds["torch"][0] == {"mnist1": {"forward": 7.0}}
 
 
 def test_a_worker_process_answers_each_case_and_reports_a_failed_one():
