@@ -12,7 +12,7 @@ gives milliseconds, GFLOP/s and the ratios ``other time / our time`` (> 1 means 
 Forward+backward computes the input, weight and bias gradients in every library.
 """
 import argparse
-import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -236,7 +236,7 @@ def _serve(library, dtype, quick):
         importlib.import_module("numba_cnn.functional" if library == "numba_cnn"
                                 else "numba_cnn.im2col")
     min_repeats, min_seconds = (3, 0.2) if quick else (10, 1.0)
-    runners = {}
+    case = runner = None  # the current case's runner: the only arrays kept alive
     print(json.dumps({"ready": True}), file=answers, flush=True)  # imported: see _run_rounds
     for line in sys.stdin:
         name = line.strip()
@@ -248,10 +248,11 @@ def _serve(library, dtype, quick):
                 answer = {"forward": _median_seconds(lambda: a @ b, min_repeats, min_seconds)}
                 del a, b
             else:
-                if name not in runners:
-                    runners.clear()  # the previous case's arrays first
-                    runners[name] = _make_runner(library, name, dtype)
-                forward, forward_backward = runners[name]
+                if name != case:
+                    case = runner = None  # the previous case's arrays freed first
+                    runner = _make_runner(library, name, dtype)
+                    case = name
+                forward, forward_backward = runner
                 answer = {
                     "forward": _median_seconds(forward, min_repeats, min_seconds),
                     "forward_backward": _median_seconds(forward_backward, min_repeats,
@@ -396,7 +397,6 @@ def main(argv=None):
     libraries = []
     for library in args.libraries.split(","):
         if library == "torch":
-            import importlib.util
             if importlib.util.find_spec("torch") is None:
                 print("torch is not installed: skipping it", file=sys.stderr)
                 continue
