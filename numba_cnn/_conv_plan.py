@@ -14,7 +14,7 @@ import functools
 import numpy as np
 
 from ._kernels.conv2d import ROW_TILE, TAP_TILE
-from ._kernels.layout import (gather_blocked_weights, gather_phase_weights,
+from ._kernels.layout import (data_address, gather_blocked_weights, gather_phase_weights,
                              pack_channel_blocks, pack_phases)
 from ._kernels.register_tile import BROADCAST_PIXELS, OUTER_TAPS, VECTOR_BYTES, VECTORS
 
@@ -81,7 +81,7 @@ def aligned_empty(shape, dtype, alignment=64):
     for extent in shape:
         count *= int(extent)
     raw = np.empty(count * dtype.itemsize + alignment, dtype=np.uint8)
-    start = -raw.ctypes.data % alignment
+    start = -data_address(raw) % alignment
     return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
 
 

