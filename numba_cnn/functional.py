@@ -68,24 +68,30 @@ def _rows_per_tile(rows_per_group):
     return ROW_TILE if rows_per_group % ROW_TILE == 0 else 1
 
 
-def _blocking(block_shape, image_stride, offsets, matrix, batch, out_len):
-    """``correlate``'s (tap_block, tiles_per_task) for ``matrix`` on a grid of images
-    ``image_stride`` elements apart into ``batch`` images of ``out_len`` pixels."""
-    rows, taps = matrix.shape
-    row_tiles = rows // _rows_per_tile(rows // offsets.shape[0])
-    return correlation_blocking(block_shape, taps, image_stride * matrix.itemsize, out_len,
-                                row_tiles, batch, matrix.itemsize, numba.get_num_threads)
+@functools.lru_cache(maxsize=256)
+def _grid_correlation(plan, block_shapes, image_stride, matrix_shape, itemsize, batch, threads):
+    """(tap_blocks, tiles_per_task, slot_shape) of a ``correlate`` call of ``plan`` with a
+    ``matrix_shape`` (rows, taps) weight matrix, on a grid of images ``image_stride`` elements
+    apart, over ``batch`` images on ``threads`` threads: each phase's tap block
+    (``correlation_blocking``, ``block_shapes`` describing the phases' taps), as an int64
+    array; the tiles of rows per task; and the shape of the unpacking scratch, (threads, rows
+    per task, row length), a task's rows per thread, or None where that would be more than the
+    whole output grid (fewer tasks than threads).
 
-
-def _grid_output_slots(rows_per_group, tiles_per_task, out_rows, out_len, dtype):
-    """An unpacking ``correlate``'s scratch: (threads, rows per task, out_len), a task's rows
-    per thread; None where that would be more than all ``out_rows`` rows of the output grid
-    (fewer tasks than threads)."""
-    threads = numba.get_num_threads()
-    task_rows = tiles_per_task * _rows_per_tile(rows_per_group)
-    if threads * task_rows > out_rows:
-        return None
-    return aligned_empty((threads, task_rows, out_len), dtype)
+    Memoised: training repeats the same calls, and working these out took about 5 us of a
+    small layer's call (a sixtieth of mnist1's forward)."""
+    rows, taps = matrix_shape
+    rows_per_tile = _rows_per_tile(rows // plan.offsets.shape[0])
+    starts = plan.phase_pixels.tolist()
+    blockings = [correlation_blocking(block_shape, taps, image_stride * itemsize, stop - start,
+                                      rows // rows_per_tile, batch, itemsize, lambda: threads)
+                 for block_shape, start, stop in zip(block_shapes, starts, starts[1:])]
+    tap_blocks = np.array([tap_block for tap_block, _ in blockings], dtype=np.int64)
+    tiles_per_task = min(tiles for _, tiles in blockings)
+    task_rows = tiles_per_task * rows_per_tile
+    slot_shape = (None if threads * task_rows > rows * batch
+                  else (threads, task_rows, starts[-1]))
+    return tap_blocks, tiles_per_task, slot_shape
 
 
 def _bias_gradient(grad_out):
@@ -131,15 +137,12 @@ def _correlate_grid_into(grid, src, plan, matrix, block_shapes, bias, dst):
     groups = plan.offsets.shape[0]
     rows_per_group = rows // groups
     image_stride = plan.grid_image_stride() if grid is None else grid.image_stride
-    starts = plan.phase_pixels.tolist()  # (Python ints: NumPy scalars cost microseconds here)
-    blockings = [_blocking(block_shape, image_stride, plan.offsets, matrix, batch, stop - start)
-                 for block_shape, start, stop in zip(block_shapes, starts, starts[1:])]
-    tap_blocks = np.array([tap_block for tap_block, _ in blockings], dtype=np.int64)
-    tiles_per_task = min(tiles for _, tiles in blockings)
-    row_len = starts[-1]
+    tap_blocks, tiles_per_task, slot_shape = _grid_correlation(
+        plan, tuple(block_shapes), image_stride, matrix.shape, matrix.itemsize, batch,
+        numba.get_num_threads())
     arguments = (plan.offsets, plan.phase_taps, matrix)
     unpacking = (plan.phase_pixels, tap_blocks, tiles_per_task)
-    slots = _grid_output_slots(rows_per_group, tiles_per_task, rows * batch, row_len, dst.dtype)
+    slots = None if slot_shape is None else aligned_empty(slot_shape, dst.dtype)
     if slots is not None and grid is None:  # packed by the tasks
         threads = slots.shape[0]
         room = plan.grid_slots(threads, dst.dtype)
@@ -153,6 +156,7 @@ def _correlate_grid_into(grid, src, plan, matrix, block_shapes, bias, dst):
         correlate(grid.data, grid.image_stride, *arguments, slots, *unpacking, True, bias, dst,
                   plan.crops, *no_packing)
         return
+    row_len = int(plan.phase_pixels[-1])
     out_grid = aligned_empty((rows, batch, row_len), dst.dtype)
     correlate(grid.data, grid.image_stride, *arguments, out_grid, *unpacking, False, bias,
               _NO_DST[dst.dtype.type], plan.crops, *no_packing)

@@ -476,8 +476,11 @@ def check_grid_unpacking(channels, filters, batch, threads, dtype, rng):
     w = rng.standard_normal((filters, channels, 3, 3)).astype(dtype)
     b = rng.standard_normal(filters).astype(dtype)
     for rows in (filters, channels):  # forward, input gradient
-        slots = F._grid_output_slots(rows, 1, rows * batch, 4096, x.dtype)
-        assert (slots is None) == (rows * batch < 4 * threads)
+        plan = _conv_plan.ForwardPlan.for_geometry(_args.conv2d_geometry(
+            (batch, channels, 64, 64), (rows, channels, 3, 3), 1, 1, 1, 1))
+        _, tiles, slot_shape = F._grid_correlation(plan, (plan.block_shape,), 4096, (rows, 9),
+                                                   x.itemsize, batch, threads)
+        assert (slot_shape is None) == (rows * batch < 4 * tiles * threads)
     y = F.conv2d(x, w, b, padding=1)
     assert_close(y, R.conv2d(x, w, b, padding=1), RTOL[dtype], "forward")
     g = rng.standard_normal(y.shape).astype(dtype)
